@@ -1,0 +1,164 @@
+"""Frozen image encoders (timm ViTs) with BLIP-2's trainable ``ln_vision``.
+
+Glossary: B batch, N image tokens (1 + (image_size / patch)^2: 257 at 224 px, 677 at 364 px
+for patch 14), Dv vision width.
+
+BLIP-2 takes the second-last layer of the ViT (the last block is removed), with no final ViT
+norm, then a new LayerNorm (``ln_vision``). Position embeddings are interpolated when the
+encoder runs at a larger resolution than it was trained at (364 px captioning/retrieval,
+490 px VQA).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class TimmVisionEncoder(nn.Module):
+    """A timm ViT cut to its second-last block, followed by ``ln_vision``.
+
+    Args:
+        model_name: a timm model name; BLIP-2 uses ``eva_giant_patch14_clip_224`` (EVA01-CLIP-g/14,
+            1408 wide) and ``vit_large_patch14_clip_224.openai`` (CLIP ViT-L/14, 1024 wide).
+        image_size: input resolution; the position embeddings are built for it (and resampled
+            from the checkpoint's grid when loading).
+        pretrained: let timm load its own pretrained weights (needs its hub or cache).
+        checkpoint_path: a local timm-format state dict (``.pth``/``.safetensors``) to load instead.
+        num_removed_blocks: blocks cut from the end (BLIP-2: 1, the second-last layer's output).
+        ln_vision_eps: eps of ``ln_vision`` (LAVIS: 1e-5; Hugging Face checkpoints use the vision
+            config's eps).
+        frozen: freeze the ViT (not ``ln_vision``) and keep it in eval mode.
+        grad_checkpointing: activation checkpointing in the ViT blocks (for an unfrozen encoder).
+        mean: per-channel normalisation mean the encoder expects (preprocessing).
+        std: per-channel normalisation std.
+        model_kwargs: extra timm constructor arguments (e.g. tiny ``embed_dim``/``depth`` in tests).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "eva_giant_patch14_clip_224",
+        image_size: int = 224,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        num_removed_blocks: int = 1,
+        ln_vision_eps: float = 1e-5,
+        frozen: bool = True,
+        grad_checkpointing: bool = False,
+        mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+        std: tuple[float, float, float] = OPENAI_CLIP_STD,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs = dict(model_kwargs or {})
+        kwargs.setdefault("img_size", image_size)
+        vit = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        patch = vit.patch_embed.patch_size[0]
+        if image_size % patch != 0:
+            raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch} of {model_name}")
+        if checkpoint_path is not None:
+            load_timm_checkpoint(vit, checkpoint_path)
+        if not 0 <= num_removed_blocks < len(vit.blocks):
+            raise ValueError(f"num_removed_blocks={num_removed_blocks} out of range for {len(vit.blocks)} blocks")
+        if num_removed_blocks:
+            vit.blocks = vit.blocks[:-num_removed_blocks]
+        vit.norm = nn.Identity()  # no final ViT norm: ln_vision replaces it
+        vit.set_grad_checkpointing(grad_checkpointing)
+        self.vit = vit
+        self.model_name = model_name
+        self.image_size = image_size
+        self.patch_size = patch
+        self.width: int = vit.embed_dim
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.ln_vision = nn.LayerNorm(self.width, eps=ln_vision_eps)
+        self.has_weight_source = pretrained or checkpoint_path is not None
+        self.frozen = frozen
+        if frozen:
+            self.vit.requires_grad_(False)
+            self.vit.eval()
+
+    @property
+    def num_tokens(self) -> int:
+        """N: class token plus patches at ``image_size``."""
+        grid = self.image_size // self.patch_size
+        return grid * grid + getattr(self.vit, "num_prefix_tokens", 1)
+
+    def train(self, mode: bool = True) -> "TimmVisionEncoder":
+        """Keep a frozen ViT in eval mode (no dropout / drop-path) whatever the task's mode."""
+        super().train(mode)
+        if self.frozen:
+            self.vit.eval()
+        return self
+
+    def forward_vit(self, images: Tensor) -> Tensor:
+        """ViT up to the kept blocks, no norm. (B, 3, H, W) -> (B, N, Dv)."""
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise ValueError(
+                f"images are {tuple(images.shape[-2:])}, the encoder is built for {self.image_size}x{self.image_size}"
+            )
+        if self.frozen:
+            with torch.no_grad():
+                return self.vit.forward_features(images)
+        return self.vit.forward_features(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) normalised images -> (B, N, Dv) features after ``ln_vision``."""
+        features = self.forward_vit(images)
+        return self.ln_vision(features.to(self.ln_vision.weight.dtype))
+
+
+def resample_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 1) -> Tensor:
+    """Bicubic resampling of ViT position embeddings to another square grid.
+
+    Args:
+        pos_embed: (1, prefix + G*G, Dv).
+        new_grid: G', the new grid side.
+        num_prefix_tokens: class/register tokens kept as they are.
+
+    Returns:
+        (1, prefix + G'*G', Dv).
+    """
+    return resample_abs_pos_embed(
+        pos_embed, new_size=[new_grid, new_grid], num_prefix_tokens=num_prefix_tokens, interpolation="bicubic"
+    )
+
+
+def load_timm_checkpoint(vit: nn.Module, path: str | Path) -> None:
+    """Load a local timm-format ViT state dict, resampling position embeddings to the model's grid.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: keys or shapes do not fit the model (named in the message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vision checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state))
+    target = vit.state_dict()
+    if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
+        grid = vit.patch_embed.grid_size[0]
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], grid, getattr(vit, "num_prefix_tokens", 1))
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(f"vision checkpoint {path} does not fit: missing {missing}, unexpected {unexpected}")
+    log.info("loaded vision weights from %s", path)
