@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from qformer_lightning.nn import masks
-from qformer_lightning.nn.attention import KeyValue, MultiHeadAttention
+from qformer_lightning.nn.attention import KeyValue, MultiHeadAttention, add_dropped
 
 KVCache = list[KeyValue]
 """Self-attention keys/values of the query pass, one (B, H, Q, Dh) pair per layer."""
@@ -35,7 +35,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x + self.dropout(self.fc2(nn.functional.gelu(self.fc1(x)))))
+        return self.norm(add_dropped(x, self.fc2(nn.functional.gelu(self.fc1(x))), self.dropout))
 
 
 class QFormerLayer(nn.Module):
@@ -89,7 +89,7 @@ class QFormerLayer(nn.Module):
             if self.cross_attn is not None:
                 if image_embeds is None:
                     raise ValueError("this Q-Former layer has cross-attention: image_embeds are required")
-                query_part, _ = self.cross_attn(query_part, kv_source=image_embeds)
+                query_part = self.cross_attn.cross_attend(query_part, image_embeds)
             outputs.append(self.query_ffn(query_part))
         if text_part.shape[1] > 0:
             if self.text_ffn is None:
