@@ -1,0 +1,90 @@
+"""Cross-rank gathering for the in-batch losses, usable with and without a process group.
+
+Glossary: B local batch (this rank), W world size, G = W * B global batch.
+
+Every rank must give the same local batch size B (``torch.distributed`` gathers equal shapes);
+rank r's samples occupy rows ``[r * B, (r + 1) * B)`` of a gathered tensor.
+
+Gradient convention of :func:`all_gather_with_grad`
+----------------------------------------------------
+Each rank computes its loss ``L_r`` over its B local rows against all G gathered columns, and
+DDP (or FSDP) then *averages* parameter gradients over the W ranks. The single-process loss on
+the concatenated batch is the mean over all G rows, ``L = (1/W) * sum_r L_r``. For the averaged
+parameter gradient to equal ``dL/dtheta``, rank r's local features ``x_r`` must receive
+``sum_s dL_s/dx_r``: the sum, over every rank's loss, of the gradient flowing into r's slice of
+the gathered tensor. The backward therefore sums the upstream gradients of the gathered tensor
+over ranks (a reduce-scatter with SUM) and keeps the local slice. Consequently
+``x_r.grad == W * dL/dx_r``; after DDP's division by W the parameter gradients match the
+single-process ones exactly. (Same convention as ``torch.distributed.nn.functional.all_gather``
+and the ``GatherLayer`` of SimCLR/LAVIS.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# torch >= 2.14 renames the tensor collectives; older versions only have the *_tensor names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(x: Tensor, world: int) -> Tensor:
+    """Concatenate every rank's ``x`` along dim 0: (B, ...) -> (W * B, ...)."""
+    x = x.contiguous()
+    if x.dtype == torch.bool:  # not every backend reduces/gathers bool: go through uint8
+        return _gather(x.to(torch.uint8), world).bool()
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    _all_gather_flat(out, x)
+    return out
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Gather along dim 0; backward sums the gathered gradient over ranks, keeps the local slice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        _, world = rank_and_world()
+        ctx.world = world
+        return _gather(x, world)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        world = ctx.world
+        local = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))  # (B, ...)
+        _reduce_scatter_flat(local, grad.contiguous(), op=dist.ReduceOp.SUM)
+        return local
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """All ranks' ``x`` concatenated along dim 0, differentiable: (B, ...) -> (G, ...).
+
+    Without an initialised process group (or with one process) ``x`` itself is returned.
+    The backward routes to each rank the sum over ranks of the gradient of its own slice; see
+    the module docstring for why that gives single-process gradients under DDP's averaging.
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: Tensor) -> Tensor:
+    """All ranks' ``x`` concatenated along dim 0, detached: (B, ...) -> (G, ...).
+
+    For ids, masks and token ids (any dtype, bool included). Without a process group returns
+    ``x`` detached.
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return x.detach()
+    return _gather(x.detach(), world)
