@@ -1,0 +1,431 @@
+"""Streaming image-text batches from img2dataset shards, with exact mid-epoch resume.
+
+:class:`ShardStream` is an ``IterableDataset`` that yields whole batches (dicts, see
+``qformer_lightning.data.batch``): each data-loader worker computes its share of the epoch from
+``qformer_lightning.data.plan`` and reads only the shards of that share. Its position, (epoch,
+batches already consumed by this rank), is set by the loader before each ``iter()``.
+
+:class:`ResumableShardLoader` is what the data module hands to Lightning: sized (``__len__`` =
+batches per rank per epoch), it advances the epoch on every ``iter()``, and its
+``state_dict()`` is the global position ``{"epoch", "batches"}`` (plus the layout it is valid
+for), the same on every rank, so the rank-0 state that Lightning saves restores every rank.
+After skipping S batches, physical worker w acts as logical worker ``(w + S) mod W``, because
+PyTorch's round-robin over workers restarts at worker 0.
+
+Sample-level randomness (caption choice, crop, flip) is seeded by (seed, epoch, global position)
+and so does not depend on the number of ranks or workers. The order of samples does: resuming
+requires the same world size, number of workers and batch size (checked, with a clear error).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from qformer_lightning.data.batch import Failed, ReplacementLog, Sample, assemble_batch, sample_seed, stable_id
+from qformer_lightning.data.image import BadSample, ImageTransform
+from qformer_lightning.data.plan import Task, epoch_tasks, locate, num_batches, rank_share, worker_plan
+from qformer_lightning.data.shards import Shard, TruncatedAt, _is_remote, iter_tar_samples, open_url
+from qformer_lightning.data.text import pre_caption
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class CaptionDecoder:
+    """A shard sample's members -> (image (S, S, 3) uint8, cleaned caption); raises ``BadSample``.
+
+    The caption candidates are the first ``caption_top_k`` entries of the list (or string) under
+    ``caption_key`` in the sample's ``.json`` (CapFilt: the two best of BLIP's synthetic captions
+    and the web caption); without that field, the ``.txt`` member. Candidates that are empty after
+    cleanup are dropped; one of the rest is drawn with ``rng``.
+    """
+
+    transform: ImageTransform
+    max_words: int = 30
+    caption_key: str = "captions"
+    caption_top_k: int = 2
+
+    def captions(self, members: dict[str, bytes]) -> list[str]:
+        """Raw caption candidates of a sample."""
+        if self.caption_key and "json" in members:
+            try:
+                meta = json.loads(members["json"])
+            except UnicodeDecodeError as err:
+                raise BadSample("non_utf8_caption", f".json is not UTF-8: {err}") from err
+            except ValueError as err:
+                raise BadSample("bad_json", str(err)) from err
+            value = meta.get(self.caption_key) if isinstance(meta, dict) else None
+            if isinstance(value, str):
+                value = [value]
+            if isinstance(value, list) and value:
+                return [c for c in value[: self.caption_top_k] if isinstance(c, str)]
+        if "txt" in members:
+            try:
+                return [members["txt"].decode("utf-8")]
+            except UnicodeDecodeError as err:
+                raise BadSample("non_utf8_caption", f".txt is not UTF-8: {err}") from err
+        raise BadSample("missing_caption", f"no .txt and no {self.caption_key!r} in .json (members {sorted(members)})")
+
+    def __call__(self, members: dict[str, bytes], rng: random.Random) -> tuple[np.ndarray, str]:
+        data = next((members[ext] for ext in IMAGE_EXTS if ext in members), None)
+        if data is None:
+            raise BadSample("missing_image", f"no image member among {sorted(members)}")
+        cleaned = [c for c in (pre_caption(c, self.max_words) for c in self.captions(members)) if c]
+        if not cleaned:
+            raise BadSample("empty_caption", "caption empty after cleanup")
+        text = cleaned[int(rng.random() * len(cleaned))]
+        return self.transform(data, rng), text
+
+
+class _TarStream:
+    """Forward-only reader of one shard from a given ordinal; remembers where it broke."""
+
+    def __init__(self, url: str, start: int) -> None:
+        self.url = url
+        self.file = open_url(url)
+        seekable = not url.startswith("pipe:") and not _is_remote(url)
+        self.samples = iter_tar_samples(self.file, start, seekable=seekable)
+        self.last = start - 1
+        self.broken_at: int | None = None
+        self.detail = ""
+
+    def next(self) -> tuple[int, str, dict[str, bytes]] | None:
+        """The next sample, or ``None`` once the tar has ended or broken (``broken_at`` set)."""
+        if self.broken_at is not None:
+            return None
+        item = next(self.samples, None)
+        if item is None or isinstance(item, TruncatedAt):
+            self.broken_at = self.last + 1 if item is None else max(item.ordinal, self.last + 1)
+            self.detail = "the tar ended" if item is None else item.detail
+            return None
+        self.last = item[0]
+        return item
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ShardStream(IterableDataset):
+    """Batches of (image, caption) from weighted shard sources; see the module docstring.
+
+    Args:
+        sources: per source, its shards with sample counts.
+        quotas: per source, samples per epoch (``plan.source_quota``).
+        names: per source, a name (part of ``image_id``: ids are stable per (name, key)).
+        decoder: sample members -> (image, caption).
+        batch_size: samples per batch (B).
+        mean, std: image normalisation.
+        seed: run seed.
+        shuffle: shuffle shards and samples, interleave shards (train) or keep file order (eval).
+        drop_last: equal full batches on every rank (train) or a short last batch (eval).
+        interleave: shards read concurrently per worker (lanes) when shuffling.
+        shuffle_block: samples permuted together per worker when shuffling (read-ahead buffer).
+        rank, world_size: this process's rank and the number of ranks.
+        num_workers: data-loader workers (0 = in the main process).
+    """
+
+    def __init__(
+        self,
+        sources: list[list[Shard]],
+        quotas: list[int],
+        names: list[str],
+        decoder: CaptionDecoder,
+        batch_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        interleave: int = 4,
+        shuffle_block: int = 1000,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        if not (len(sources) == len(quotas) == len(names)):
+            raise ValueError("sources, quotas and names must have the same length")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sources, self.quotas, self.names = sources, quotas, names
+        self.decoder = decoder
+        self.batch_size, self.mean, self.std, self.seed = batch_size, mean, std, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.interleave, self.shuffle_block = interleave, shuffle_block
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.total = sum(quotas)
+        self.epoch = 0
+        self.skip = 0
+        self.replacement_log = ReplacementLog()
+        if len(self) == 0:
+            raise ValueError(
+                f"an epoch of {self.total} samples gives no batch of {batch_size} per rank on "
+                f"{world_size} rank(s); use more data or a smaller batch"
+            )
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch."""
+        return num_batches(rank_share(self.total, self.world_size, self.batch_size, self.drop_last), self.batch_size)
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        """Start the next iteration in ``epoch`` after this rank's first ``skip`` batches."""
+        if not 0 <= skip <= len(self):
+            raise ValueError(f"cannot skip {skip} batches of an epoch of {len(self)}")
+        self.epoch, self.skip = epoch, skip
+
+    def tasks(self, epoch: int) -> list[Task]:
+        """The epoch's tasks (see ``plan.epoch_tasks``)."""
+        return epoch_tasks(self.sources, self.quotas, self.seed, epoch, self.shuffle)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers = max(1, self.num_workers)
+        physical = 0 if info is None else info.id
+        if (1 if info is None else info.num_workers) != workers:
+            raise RuntimeError(
+                f"ShardStream was built for {self.num_workers} workers but runs in "
+                f"{0 if info is None else info.num_workers}; build the loader with the same num_workers"
+            )
+        logical = (physical + self.skip) % workers
+        tasks = self.tasks(self.epoch)
+        plan = worker_plan(
+            self.total, self.rank, self.world_size, logical, workers, self.batch_size, self.drop_last,
+            self.shuffle, self.interleave, self.shuffle_block, self.seed, self.epoch,
+        )
+        done = len(range(logical, self.skip, workers))  # this worker's batches among the skipped
+        first = sum(plan.batch_sizes[:done])
+        task_index, ordinals = locate(tasks, plan.positions)  # (P,), (P,)
+        raw = self._read(tasks, plan.lanes, task_index, ordinals, first)
+        spare: list[Sample] = []
+
+        def get_spare() -> Sample:
+            if not spare:
+                spare.append(self._spare(tasks))
+            return spare[0]
+
+        for size in plan.batch_sizes[done:]:
+            items = []
+            for _ in range(size):
+                i, task, item = next(raw)
+                items.append(self._decode(task, item, int(plan.positions[i])))
+            yield assemble_batch(items, self.mean, self.std, get_spare, self.replacement_log)
+
+    def _url(self, task: Task) -> str:
+        return self.sources[task.source][task.shard].url
+
+    def _decode(self, task: Task, item: tuple[str, dict[str, bytes]] | Failed, position: int) -> Sample | Failed:
+        if isinstance(item, Failed):
+            return item
+        key, members = item
+        full_key = f"{self._url(task)}#{key}"
+        rng = random.Random(sample_seed(self.seed, self.epoch, position))
+        try:
+            image, text = self.decoder(members, rng)
+        except BadSample as err:
+            return Failed(full_key, err)
+        return Sample(image, text, stable_id(f"{self.names[task.source]}/{key}"), full_key)
+
+    def _read(
+        self,
+        tasks: list[Task],
+        lanes: np.ndarray,
+        task_index: np.ndarray,
+        ordinals: np.ndarray,
+        first: int,
+    ) -> Iterator[tuple[int, Task, tuple[str, dict[str, bytes]] | Failed]]:
+        """Yield ``(i, task, (key, members) or Failed)`` for plan items ``first ..``, in order.
+
+        A reader stream is one (lane, task) pair, opened at its first needed ordinal. Items are
+        read block by block (``shuffle_block``); an item read ahead of its turn waits in a buffer
+        until it is due, which never takes more than one block.
+        """
+        count = len(ordinals)
+        block = max(1, self.shuffle_block) if self.shuffle else max(1, count)
+        stream_id = lanes * len(tasks) + task_index  # (P,)
+        remaining = Counter(stream_id[first:].tolist())
+        streams: dict[int, _TarStream] = {}
+        try:
+            for lo in range((first // block) * block, count, block):
+                a, b = max(lo, first), min(lo + block, count)
+                needed: set[tuple[int, int]] = set()
+                first_needed: dict[int, int] = {}
+                for s, o in zip(stream_id[a:b].tolist(), ordinals[a:b].tolist()):
+                    needed.add((s, o))
+                    first_needed[s] = min(o, first_needed.get(s, o))
+                buffer: dict[tuple[int, int], tuple[str, dict[str, bytes]] | Failed] = {}
+                for i in range(a, b):
+                    s, o = int(stream_id[i]), int(ordinals[i])
+                    task = tasks[int(task_index[i])]
+                    if (s, o) not in buffer:
+                        if s not in streams:
+                            streams[s] = _TarStream(self._url(task), first_needed[s])
+                        self._fill(streams[s], s, o, needed, buffer, task)
+                    yield i, task, buffer.pop((s, o))
+                    remaining[s] -= 1
+                    if remaining[s] == 0 and s in streams:
+                        streams.pop(s).close()
+        finally:
+            for stream in streams.values():
+                stream.close()
+
+    def _fill(
+        self,
+        stream: _TarStream,
+        s: int,
+        target: int,
+        needed: set[tuple[int, int]],
+        buffer: dict,
+        task: Task,
+    ) -> None:
+        """Read ``stream`` forward until ordinal ``target`` is in ``buffer``."""
+        while True:
+            if stream.broken_at is not None and target >= stream.broken_at:
+                shard = self.sources[task.source][task.shard]
+                buffer[(s, target)] = Failed(
+                    f"{stream.url}#{target}",
+                    BadSample(
+                        "truncated_shard",
+                        f"{stream.detail} at sample {stream.broken_at}; its stats file says {shard.num_samples}",
+                    ),
+                )
+                return
+            item = stream.next()
+            if item is None:
+                if stream.broken_at is not None and target >= stream.broken_at:
+                    log.warning(
+                        "shard %s broke or ended at sample %d (%s); its stats file says %d samples: "
+                        "the rest of it is replaced",
+                        stream.url, stream.broken_at, stream.detail,
+                        self.sources[task.source][task.shard].num_samples,
+                    )
+                    continue
+                raise RuntimeError(f"internal error: sample {target} of {stream.url} was passed over")
+            ordinal, key, members = item
+            if (s, ordinal) in needed:
+                buffer[(s, ordinal)] = (key, members)
+            if ordinal == target:
+                return
+            if ordinal > target:
+                raise RuntimeError(f"internal error: sample {target} of {stream.url} was passed over")
+
+    def _spare(self, tasks: list[Task]) -> Sample:
+        """A deterministic replacement for a batch without a single good sample: the first
+        decodable sample of the epoch's tasks (tried for at most 1000 samples)."""
+        tried = 0
+        for task in tasks:
+            url = self._url(task)
+            with open_url(url) as f:
+                seekable = not url.startswith("pipe:") and not _is_remote(url)
+                for item in iter_tar_samples(f, task.start, seekable=seekable):
+                    if isinstance(item, TruncatedAt):
+                        break
+                    ordinal, key, members = item
+                    rng = random.Random(sample_seed(self.seed, self.epoch, -1, ordinal))
+                    try:
+                        image, text = self.decoder(members, rng)
+                        return Sample(image, text, stable_id(f"{self.names[task.source]}/{key}"), f"{url}#{key}")
+                    except BadSample:
+                        tried += 1
+                        if tried >= 1000:
+                            raise RuntimeError(f"no decodable sample among the first {tried} of the epoch's shards")
+        raise RuntimeError("no decodable sample in any shard of the epoch")
+
+
+class ShardLoader:
+    """A sized iterable of batches of a :class:`ShardStream` (one fixed epoch; for evaluation).
+
+    Args:
+        dataset: the stream; its ``num_workers`` is the loader's.
+        pin_memory: pin batches (for CUDA).
+        prefetch_factor: batches prefetched per worker.
+    """
+
+    def __init__(self, dataset: ShardStream, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        self.dataset = dataset
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _loader(self) -> DataLoader:
+        workers = self.dataset.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            persistent_workers=False,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        self.dataset.set_position(0, 0)
+        return iter(self._loader())
+
+
+class ResumableShardLoader(ShardLoader):
+    """A :class:`ShardLoader` that advances the epoch on every ``iter()`` and saves its position.
+
+    ``state_dict()`` -> ``{"epoch", "batches", "world_size", "num_workers", "batch_size",
+    "seed", "samples_per_epoch"}``: the epoch of the latest ``iter()`` and the batches this
+    rank has consumed in it (equal on all ranks). ``load_state_dict`` makes the next ``iter()``
+    continue there (or start the next epoch if that epoch was complete).
+    """
+
+    def __init__(self, dataset: ShardStream, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        super().__init__(dataset, pin_memory, prefetch_factor)
+        self.epoch = -1
+        self.batches = 0
+        self._resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._resume is not None:
+            epoch, skip = self._resume
+            self._resume = None
+            if skip >= len(self):
+                epoch, skip = epoch + 1, 0
+        else:
+            epoch, skip = self.epoch + 1, 0
+        self.epoch, self.batches = epoch, skip
+        self.dataset.set_position(epoch, skip)
+        return self._count(iter(self._loader()))
+
+    def _count(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self.batches += 1
+            yield batch
+
+    def _layout(self) -> dict:
+        d = self.dataset
+        return {
+            "world_size": d.world_size,
+            "num_workers": d.num_workers,
+            "batch_size": d.batch_size,
+            "seed": d.seed,
+            "samples_per_epoch": d.total,
+        }
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, **self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mismatched = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
+        if mismatched:
+            details = ", ".join(f"{k}: saved {a} now {b}" for k, (a, b) in mismatched.items())
+            raise ValueError(
+                f"cannot resume the shard stream exactly: the data layout changed ({details}); "
+                "resume with the same world size, num_workers, batch_size, seed and shards"
+            )
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+        self.epoch = int(state["epoch"])
+        self.batches = int(state["batches"])
