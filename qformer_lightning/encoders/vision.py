@@ -108,6 +108,7 @@ class TimmVisionEncoder(nn.Module):
             raise ValueError(
                 f"images are {tuple(images.shape[-2:])}, the encoder is built for {self.image_size}x{self.image_size}"
             )
+        images = images.to(self.vit.patch_embed.proj.weight.dtype)  # a frozen ViT may be cast to bf16/fp16
         if self.frozen:
             with torch.no_grad():
                 return self.vit.forward_features(images)
@@ -158,7 +159,8 @@ def load_timm_checkpoint(vit: nn.Module, path: str | Path) -> None:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], grid, getattr(vit, "num_prefix_tokens", 1))
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = vit.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
+    unused = ("head.", "norm.", "fc_norm.")  # the final norm and head are removed anyway
+    missing = [k for k in missing if not k.startswith(unused)]
     if missing or unexpected:
         raise ValueError(f"vision checkpoint {path} does not fit: missing {missing}, unexpected {unexpected}")
     log.info("loaded vision weights from %s", path)

@@ -1,0 +1,270 @@
+"""Stage 2: vision-to-language generative learning with a frozen LLM (BLIP-2 Sec. 3.3).
+
+Glossary: B batch, Q queries, K logit positions, V LLM vocabulary.
+
+One step: frozen image encoder -> Q-Former queries -> projection -> soft prompt in front of
+the text; loss = language modelling on the target text only (:func:`lm_loss`). Decoder-only
+LLMs learn the caption after an optional prompt; encoder-decoder LLMs either learn a prefix LM
+(``prefix_lm=True``, pretraining: the split point is drawn per sample from a generator seeded
+with ``(seed, global step, batch index, rank)``) or the target after a prompt (finetuning).
+
+Batches are dicts: ``image`` (B, 3, H, W), ``text`` (B targets), optionally ``prompt`` (B
+prompts, e.g. questions; otherwise the task's ``prompt`` is used for every sample).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from qformer_lightning.convert.into import copy_matching, finish_report, read_lightning_state
+from qformer_lightning.convert.report import ConversionReport
+from qformer_lightning.models.blip2_llm import Blip2LLMModel
+from qformer_lightning.encoders.llm import T5_FAMILY
+from qformer_lightning.tasks.base import Blip2Task, FrozenDtype, NonFinitePolicy, Optimization
+
+LAVIS_PROJECTIONS = ("opt_proj.", "t5_proj.", "llm_proj.")
+"""Key prefixes of the query-to-LLM projection in LAVIS checkpoints."""
+HF_PROJECTION, HF_LANGUAGE_MODEL = "language_projection.", "language_model."
+"""Key prefixes of the language side of a Hugging Face ``Blip2ForConditionalGeneration``."""
+
+
+def lm_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
+    """Mean token cross-entropy (float32), -100 labels ignored.
+
+    Args:
+        logits: (B, K, V).
+        labels: (B, K).
+        shift: decoder-only layout: position i predicts label i + 1.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: no position has a label.
+    """
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    if not (labels != -100).any():
+        raise ValueError("no target token in the batch: every label is -100")
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def split_seed(seed: int, stream: int, step: int, batch_idx: int, rank: int) -> int:
+    """A 63-bit seed mixed from the run seed and the position of a batch (numpy's SeedSequence)."""
+    state = np.random.SeedSequence([seed, stream, step, batch_idx, rank]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+class Stage2(Blip2Task):
+    """Generative pretraining/finetuning of the Q-Former and projection in front of a frozen LLM.
+
+    Args:
+        model: the stage-2 model (image encoder, Q-Former, LLM adapter).
+        prompt: prompt for every sample when the batch has no ``prompt`` (captioning: ``"a photo of"``).
+        prefix_lm: encoder-decoder pretraining with a prefix LM (needs an encoder-decoder LLM
+            and no prompt).
+        seed: seed of the prefix-LM split points.
+        pretrained: start from these weights: this project's Lightning ``.ckpt`` (stage 1 or 2),
+            a Hugging Face Blip2 directory or hub id, or a LAVIS ``.pth``. Parts stage 2 does not
+            use (text embeddings and FFNs, LM head, ITC/ITM heads, temperature) are dropped;
+            what is loaded, dropped and left is printed.
+        num_beams: generation beams (predict/validation captions).
+        max_new_tokens: generation length limit.
+        min_new_tokens: minimum generated tokens.
+        length_penalty: beam-search length penalty (exponent of the length normaliser).
+        frozen: module prefixes to freeze (default: the ViT and the LLM).
+        optim: optimiser/schedule (default: the paper's stage-2 settings: peak 1e-4, cosine to
+            5e-5, 2k warmup steps; steps come from the config).
+        nonfinite, store_frozen, frozen_dtype: see :class:`~qformer_lightning.tasks.base.Blip2Task`
+            (the LLM's own dtype is set on :class:`~qformer_lightning.encoders.llm.LanguageModel`).
+    """
+
+    def __init__(
+        self,
+        model: Blip2LLMModel,
+        prompt: str = "",
+        prefix_lm: bool = False,
+        seed: int = 0,
+        pretrained: str | None = None,
+        num_beams: int = 5,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 1,
+        length_penalty: float = 1.0,
+        frozen: list[str] | None = None,
+        optim: Optimization | None = None,
+        nonfinite: NonFinitePolicy = "stop",
+        store_frozen: bool | None = None,
+        frozen_dtype: FrozenDtype | None = None,
+    ) -> None:
+        super().__init__(
+            frozen=["model.vision.vit", "model.llm"] if frozen is None else frozen,
+            optim=optim if optim is not None else Optimization(lr=1e-4, min_lr=5e-5, warmup_steps=2000),
+            nonfinite=nonfinite,
+            store_frozen=store_frozen,
+            frozen_dtype=frozen_dtype,
+        )
+        if prefix_lm and prompt:
+            raise ValueError(f"prefix_lm splits the caption itself; a prompt ({prompt!r}) cannot be combined with it")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.prompt = prompt
+        self.prefix_lm = prefix_lm
+        self.seed = seed
+        self.pretrained = pretrained
+        self.generation = dict(
+            num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty
+        )
+        self.apply_freezing()
+
+    # ------------------------------------------------------------------ weights
+    def load_initial_weights(self) -> None:
+        """Load the LLM, create the projection and load ``pretrained`` (once, in ``configure_model``;
+        a checkpoint restore afterwards overrides the trainable weights)."""
+        self.model.build()
+        llm = self.model.llm
+        if self.prefix_lm and not llm.is_encoder_decoder:
+            raise ValueError("prefix_lm=True needs an encoder-decoder LLM (FlanT5); this one is decoder-only")
+        model_type = llm.model.config.model_type
+        if self.frozen_dtype == "fp16" and "model.llm" in self.frozen and model_type in T5_FAMILY:
+            raise ValueError(f"frozen_dtype fp16 would cast the {model_type} LLM to float16, which overflows: use bf16")
+        if self.pretrained is not None:
+            report = load_pretrained(self.model, self.pretrained)
+            rank_zero_info(report.summary())
+
+    def frozen_weights_have_source(self) -> bool:
+        vision = self.model.vision.has_weight_source or self.pretrained is not None
+        return vision and self.model.llm.has_weight_source
+
+    # ------------------------------------------------------------------ objective
+    def _generator(self, stream: int, batch_idx: int) -> torch.Generator | None:
+        if not self.prefix_lm:
+            return None
+        rank = self.global_rank if self._trainer is not None else 0
+        step = self.global_step if self._trainer is not None else 0
+        return torch.Generator().manual_seed(split_seed(self.seed, stream, step, batch_idx, rank))
+
+    def prompts_for(self, batch: dict[str, Any]) -> list[str] | None:
+        """The batch's prompts, else the task prompt for every sample, else None."""
+        if batch.get("prompt") is not None:
+            return list(batch["prompt"])
+        if self.prefix_lm or not self.prompt:
+            return None
+        return [self.prompt] * len(batch["text"])
+
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Language-modelling loss on one batch (image (B,3,H,W), text list[str], optional prompt)."""
+        logits, labels = self.model(
+            batch["image"], list(batch["text"]), self.prompts_for(batch), self.prefix_lm, generator
+        )  # (B, K, V), (B, K)
+        return lm_loss(logits, labels, shift=not self.model.llm.is_encoder_decoder)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        loss = self.compute_loss(batch, self._generator(0, batch_idx))
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log_throughput(batch_size)
+        return self.guard_loss(loss, batch)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self.compute_loss(batch, self._generator(1, batch_idx))
+        self.log("val/loss", loss, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        """Captions/answers with the task's generation settings."""
+        prompts = batch.get("prompt") or ([self.prompt] * batch["image"].shape[0] if self.prompt else None)
+        return self.model.caption(batch["image"], prompts, **self.generation)
+
+
+# ---------------------------------------------------------------------------- initial weights
+
+
+def load_pretrained(model: Blip2LLMModel, source: str) -> ConversionReport:
+    """Load a stage-1/2 checkpoint into a built stage-2 model, dropping what stage 2 does not use.
+
+    Sources: this project's Lightning ``.ckpt`` (keys ``model.vision.*``, ``model.qformer.*``, ...),
+    a LAVIS ``.pth`` or a Hugging Face Blip2 directory / hub id.
+
+    Returns:
+        The report: ``loaded`` (our names), ``unexpected`` (checkpoint keys dropped: the stage-1
+        text parts and heads), ``missing`` (ours left as they are: LLM weights come from the
+        LLM's own source, a ViT trimmed from the checkpoint from the encoder's).
+
+    Raises:
+        CheckpointError: shape mismatches (both shapes named), an unreadable source.
+    """
+    path = Path(source)
+    if path.suffix == ".ckpt":
+        return _load_lightning(model, path)
+    if path.suffix in (".pth", ".pt", ".bin") and path.is_file():
+        return _load_lavis(model, path)
+    return _load_hf(model, source)
+
+
+def _load_lightning(model: Blip2LLMModel, path: Path) -> ConversionReport:
+    state, report = read_lightning_state(path)
+    copy_matching(model, state, report)
+    return finish_report(model, set(report.loaded), report)
+
+
+def _language_state(language: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint language-side names -> ours (``projection.*``, ``llm.model.*``)."""
+    out = {}
+    for key, tensor in language.items():
+        if key.startswith(HF_PROJECTION):
+            out["projection." + key[len(HF_PROJECTION) :]] = tensor
+        elif key.startswith(HF_LANGUAGE_MODEL):
+            out["llm.model." + key[len(HF_LANGUAGE_MODEL) :]] = tensor
+        elif key.startswith(LAVIS_PROJECTIONS):
+            out["projection." + key.split(".", 1)[1]] = tensor
+        else:
+            out[key] = tensor
+    return out
+
+
+def _load_hf(model: Blip2LLMModel, source: str) -> ConversionReport:
+    from qformer_lightning.convert.hf import read_hf_checkpoint
+
+    checkpoint = read_hf_checkpoint(source)
+    return load_hf_blip2_state(model, checkpoint.state, checkpoint.source)
+
+
+def load_hf_blip2_state(model: Blip2LLMModel, state: dict[str, Tensor], source: str = "<state_dict>") -> ConversionReport:
+    """Load a Hugging Face Blip2 state dict (any full Blip2 class) into a built stage-2 model.
+
+    Vision and Q-Former go through :mod:`qformer_lightning.convert.hf` (non-strict: text parts
+    of a retrieval checkpoint are not in a stage-2 Q-Former); ``language_projection.*`` fills the
+    projection and ``language_model.*`` the LLM when their shapes fit.
+    """
+    from qformer_lightning.convert.hf import load_hf_state_dict
+    from qformer_lightning.convert.parts import VisionQFormer
+
+    parts = VisionQFormer(model.vision, model.qformer)  # shares our modules: loading fills them
+    report = load_hf_state_dict(parts, state, source, strict=False)
+    return _load_language_side(model, parts, report)
+
+
+def _load_language_side(model: Blip2LLMModel, parts: Any, report: ConversionReport) -> ConversionReport:
+    """After vision + Q-Former were loaded through ``parts``: fill the projection and the LLM from
+    ``parts.language_state`` and complete the report over the whole model."""
+    loaded = set(report.loaded)
+    language = ConversionReport(source=report.source, kind=report.kind)
+    copy_matching(model, _language_state(parts.language_state), language)
+    report.unexpected.extend(language.unexpected)
+    return finish_report(model, loaded | set(language.loaded), report)
+
+
+def _load_lavis(model: Blip2LLMModel, path: Path) -> ConversionReport:
+    from qformer_lightning.convert.lavis import load_lavis_state_dict, read_lavis_checkpoint
+    from qformer_lightning.convert.parts import VisionQFormer
+
+    state = read_lavis_checkpoint(path)
+    parts = VisionQFormer(model.vision, model.qformer)  # shares our modules: loading fills them
+    report = load_lavis_state_dict(parts, state, str(path), strict=False)
+    return _load_language_side(model, parts, report)
