@@ -1,0 +1,1 @@
+"""Sharding policies for FSDP (FSDPStrategy) and FSDP2 (ModelParallelStrategy + fully_shard)."""

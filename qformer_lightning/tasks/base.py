@@ -1,0 +1,282 @@
+"""The shared LightningModule base: freezing, optimisation, schedules, checkpoints, loss guards.
+
+Every stage and finetune subclasses :class:`Blip2Task`; the subclass owns its objective and
+metrics, this class owns what all of them share:
+
+- ``frozen``: module-name prefixes frozen (``requires_grad=False``, kept in eval mode).
+- AdamW + per-step warmup/cosine schedule + layer-wise lr decay on an unfrozen ViT.
+- Small checkpoints: frozen weights that can be reloaded from their source are not stored.
+- A non-finite loss either skips the step (all ranks agree) or stops with a message naming the
+  step and the batch's sample keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from qformer_lightning.encoders.vision import TimmVisionEncoder
+from qformer_lightning.tasks.optim import param_groups, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+NonFinitePolicy = Literal["skip", "stop"]
+FrozenDtype = Literal["bf16", "fp16"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss is NaN/inf and the policy is ``stop``."""
+
+
+@dataclass
+class Optimization:
+    """Optimiser and schedule settings (the ``optim`` block of a task's YAML).
+
+    Args:
+        lr: peak learning rate.
+        min_lr: final learning rate of the cosine decay.
+        warmup_lr: learning rate at step 0 of the warmup.
+        weight_decay: AdamW weight decay (not on biases, norms, query tokens, temperature).
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps.
+        total_steps: schedule length; ``None`` takes ``trainer.max_steps`` (must then be set).
+        layer_decay: layer-wise lr decay of an unfrozen ViT (1.0 = off; SPEC: 0.95 in finetunes).
+    """
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 2000
+    total_steps: int | None = None
+    layer_decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.warmup_steps < 0 or (self.total_steps is not None and self.total_steps < 1):
+            raise ValueError(f"bad schedule: warmup_steps={self.warmup_steps}, total_steps={self.total_steps}")
+
+
+class Blip2Task(pl.LightningModule):
+    """Base of all qformer_lightning tasks.
+
+    Args:
+        frozen: prefixes of module names to freeze (e.g. ``["model.vision.vit"]``).
+        optim: optimiser and schedule settings.
+        nonfinite: what to do on a NaN/inf loss: ``skip`` the step or ``stop`` the run.
+        store_frozen: keep frozen weights in checkpoints. ``None`` (default): store them only when
+            they have no external source to be reloaded from (random init).
+        frozen_dtype: cast the frozen modules to ``bf16``/``fp16`` (memory, speed); ``None`` keeps fp32.
+            SPEC: FlanT5 must be bf16 (fp16 overflows T5).
+    """
+
+    def __init__(
+        self,
+        frozen: list[str] | None = None,
+        optim: Optimization | None = None,
+        nonfinite: NonFinitePolicy = "stop",
+        store_frozen: bool | None = None,
+        frozen_dtype: FrozenDtype | None = None,
+    ) -> None:
+        super().__init__()
+        if nonfinite not in ("skip", "stop"):
+            raise ValueError(f"nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
+        if frozen_dtype not in (None, "bf16", "fp16"):
+            raise ValueError(f"frozen_dtype must be 'bf16', 'fp16' or null, got {frozen_dtype!r}")
+        self.frozen = list(frozen) if frozen is not None else []
+        self.optim = optim if optim is not None else Optimization()
+        self.nonfinite = nonfinite
+        self.store_frozen = store_frozen
+        self.frozen_dtype = frozen_dtype
+        self.num_skipped_steps = 0
+        self._last_step_time: float | None = None
+        self._model_configured = False
+
+    # ------------------------------------------------------------------ freezing
+    def apply_freezing(self) -> None:
+        """Freeze the modules named in ``frozen``; unfreeze a vision encoder not listed."""
+        names = dict(self.named_modules())
+        for prefix in self.frozen:
+            if prefix not in names:
+                raise ValueError(f"frozen entry {prefix!r} names no module; modules include {self._top_module_names()}")
+            names[prefix].requires_grad_(False)
+        for name, module in names.items():
+            if isinstance(module, TimmVisionEncoder):
+                module.frozen = f"{name}.vit" in self.frozen or name in self.frozen
+                if not module.frozen:
+                    module.vit.requires_grad_(True)
+        self.train(self.training)
+
+    def _top_module_names(self) -> list[str]:
+        return sorted({n for n, _ in self.named_modules() if n and n.count(".") <= 2})
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules listed in ``frozen``."""
+        names = dict(self.named_modules())
+        return [names[p] for p in self.frozen if p in names]
+
+    def train(self, mode: bool = True) -> "Blip2Task":
+        """Frozen modules stay in eval mode (no dropout, fixed norm statistics)."""
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    # ------------------------------------------------------------------ weights, dtype, sharding
+    def load_initial_weights(self) -> None:
+        """Load pretrained/initial weights (subclasses); runs once, before any checkpoint restore."""
+
+    def configure_model(self) -> None:
+        """Initial weights, frozen-part dtype and FSDP2 sharding, once per process."""
+        if self._model_configured:
+            return
+        self._model_configured = True
+        self.load_initial_weights()
+        self.apply_freezing()
+        if self.frozen_dtype is not None:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.frozen_dtype]
+            for module in self.frozen_modules():
+                module.to(dtype)
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None:
+            from qformer_lightning.scale.fsdp import apply_fully_shard
+
+            apply_fully_shard(self, mesh)
+
+    # ------------------------------------------------------------------ optimisation
+    def vision_encoder(self) -> TimmVisionEncoder | None:
+        """The task's image encoder, if any (for layer-wise lr decay)."""
+        for module in self.modules():
+            if isinstance(module, TimmVisionEncoder):
+                return module
+        return None
+
+    def schedule_length(self) -> int:
+        """Total optimizer steps of the schedule, from the config (never estimated from the loader)."""
+        if self.optim.total_steps is not None:
+            return self.optim.total_steps
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps < 1:
+            raise ValueError("set model.total_steps or trainer.max_steps: the lr schedule needs its length")
+        return max_steps
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        vit_prefix, blocks = None, 0
+        encoder = self.vision_encoder()
+        if encoder is not None and not encoder.frozen:
+            for name, module in self.named_modules():
+                if module is encoder.vit:
+                    vit_prefix, blocks = name + ".", len(encoder.vit.blocks)
+        opt = self.optim
+        groups = param_groups(self.named_parameters(), opt.lr, opt.weight_decay, vit_prefix, blocks, opt.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+        total = self.schedule_length()
+
+        def factor(step: int) -> float:
+            return warmup_cosine(step, opt.warmup_steps, total, opt.lr, opt.min_lr, opt.warmup_lr) / opt.lr
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ loss guard and logging
+    def guard_loss(self, loss: Tensor, batch: dict[str, Any]) -> Tensor | None:
+        """Return the loss, or None to skip this step when it is not finite (all ranks agree).
+
+        Raises:
+            NonFiniteLossError: policy ``stop``; the message names the step and the sample keys.
+        """
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 1.0:
+            return loss
+        keys = batch.get("key") or batch.get("image_id")
+        if isinstance(keys, Tensor):
+            keys = keys.tolist()
+        message = f"non-finite loss ({loss.item()}) at global step {self.global_step}, batch {self._batch_idx}; sample keys: {keys}"
+        if self.nonfinite == "stop":
+            raise NonFiniteLossError(message + " (nonfinite='stop': weights were not updated)")
+        self.num_skipped_steps += 1
+        log.warning("%s; step skipped (nonfinite='skip', %d skipped so far)", message, self.num_skipped_steps)
+        self.log("train/skipped_steps", float(self.num_skipped_steps), rank_zero_only=True)
+        return None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def log_throughput(self, batch_size: int) -> None:
+        """Log samples/s (this rank x world size) measured between consecutive steps, and the lr."""
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            rate = batch_size * self.trainer.world_size / max(now - self._last_step_time, 1e-9)
+            self.log("train/samples_per_s", rate, prog_bar=True, batch_size=batch_size)
+        self._last_step_time = now
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        self.log("train/lr", optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1].get("lr_scale", 1.0), batch_size=batch_size)
+
+    def log_data_skips(self, batch: dict[str, Any]) -> None:
+        """Log the bad samples the data layer replaced in this batch (total and per reason), summed over steps."""
+        replaced = batch.get("replaced") or {}
+        self._replaced_total = getattr(self, "_replaced_total", 0) + int(batch.get("num_replaced", 0))
+        self.log("data/replaced_total", float(self._replaced_total), reduce_fx="max", batch_size=1)
+        for reason, count in replaced.items():
+            self.log(f"data/replaced_{reason}", float(count), reduce_fx="sum", batch_size=1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def frozen_weights_have_source(self) -> bool:
+        """Whether frozen weights are reloaded by the config (pretrained weights or a checkpoint path).
+
+        Subclasses that load weights from a ``pretrained`` source override this.
+        """
+        encoder = self.vision_encoder()
+        return encoder is not None and encoder.has_weight_source
+
+    def _dropped_keys(self) -> list[str]:
+        store = self.store_frozen if self.store_frozen is not None else not self.frozen_weights_have_source()
+        if store:
+            return []
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        state_names = self.state_dict().keys()
+        dropped = []
+        for prefix in self.frozen:
+            dropped += [k for k in state_names if k.startswith(prefix + ".") and k not in trainable]
+        return dropped
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        dropped = set(self._dropped_keys())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in dropped}
+        checkpoint["qformer_lightning"] = {
+            "task": type(self).__qualname__,
+            "dropped_frozen_keys": sorted(dropped),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("qformer_lightning")
+        if meta is None:
+            raise ValueError("this checkpoint was not written by qformer_lightning (no 'qformer_lightning' entry)")
+        if meta["task"] != type(self).__qualname__:
+            raise ValueError(
+                f"checkpoint is from task {meta['task']}, this run is {type(self).__qualname__}: use the task's "
+                "`pretrained` option to start from another stage's weights (it reports what is loaded and left)"
+            )
+        own = self.state_dict()
+        state = checkpoint["state_dict"]
+        missing = [k for k in own if k not in state and k not in set(meta["dropped_frozen_keys"])]
+        unexpected = [k for k in state if k not in own]
+        shape = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+        if missing or unexpected or shape:
+            raise ValueError(
+                f"checkpoint does not fit this model: missing {missing[:20]}, unexpected {unexpected[:20]}, shape mismatch {shape[:20]}"
+            )
+        self.strict_loading = False  # the dropped frozen weights come from their source
