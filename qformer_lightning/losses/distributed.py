@@ -47,6 +47,31 @@ def _gather(x: Tensor, world: int) -> Tensor:
     return out
 
 
+def pad_to_global_length(ids: Tensor, mask: Tensor, pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Right-pad token ids and their mask to the longest length over all ranks.
+
+    Each rank pads its captions to its own longest, but a gather needs equal shapes.
+
+    Args:
+        ids: (B, T) token ids.
+        mask: (B, T) attention mask (1 = token).
+        pad_id: id written into the new columns (their mask is 0).
+
+    Returns:
+        (B, T_max) ids and mask; the inputs themselves without a process group or when no
+        rank is longer.
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return ids, mask
+    length = torch.tensor([ids.shape[1]], device=ids.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    extra = int(length.item()) - ids.shape[1]
+    if extra == 0:
+        return ids, mask
+    return torch.nn.functional.pad(ids, (0, extra), value=pad_id), torch.nn.functional.pad(mask, (0, extra), value=0)
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Gather along dim 0; backward sums the gathered gradient over ranks, keeps the local slice."""
 

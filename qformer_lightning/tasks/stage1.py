@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from qformer_lightning.losses.distributed import all_gather_no_grad, all_gather_with_grad
+from qformer_lightning.losses.distributed import all_gather_no_grad, all_gather_with_grad, pad_to_global_length
 from qformer_lightning.losses.itc import itc_loss
 from qformer_lightning.losses.itg import itg_loss
 from qformer_lightning.losses.itc import clamp_temperature_
@@ -96,6 +96,7 @@ class Stage1(Blip2Task):
         """The three stage-1 losses on one batch (image (B,3,H,W), text list[str], image_id (B,))."""
         model = self.model
         ids, mask = self.text(batch["text"], self.device)  # (B, T), (B, T)
+        ids, mask = pad_to_global_length(ids, mask, self.text.pad_token_id)  # ranks gather equal T
         image_ids = batch["image_id"].to(self.device)
         image_embeds = model.image_embeds(batch["image"])  # (B, N, Dv)
         _, image_feats, cache = model.query_features(image_embeds, use_cache=True)  # (B, Q, E)
@@ -154,3 +155,16 @@ class Stage1(Blip2Task):
         self.val_retrieval.reset()
         for name, value in metrics.items():
             self.log(f"val/{name}", value, sync_dist=False, rank_zero_only=False)
+
+    # ------------------------------------------------------------------ predict: image-text scores
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """ITC similarity and ITM match probability of each image-text request.
+
+        Returns:
+            one record per request (its fields plus ``itc`` and ``itm``), see
+            :mod:`qformer_lightning.tasks.predict`.
+        """
+        from qformer_lightning.tasks.predict import batch_requests, score_predictions
+
+        requests = batch_requests(batch, score_texts=True)
+        return score_predictions(self.model, self.text, batch["image"], requests)

@@ -47,6 +47,11 @@ class QFormerTokenizer:
         return build_tokenizer(resolve_packaged_model(self.name_or_path))
 
     @property
+    def pad_token_id(self) -> int:
+        """Id of ``[PAD]``."""
+        return int(self.tokenizer.pad_token_id)
+
+    @property
     def dec_token_id(self) -> int:
         """Id of ``[DEC]``, the first token of the ITG text pass."""
         return int(self.tokenizer.bos_token_id)
