@@ -3,16 +3,38 @@
 The model (a :class:`~qformer_lightning.tasks.base.Blip2Task` subclass) and the data module are
 chosen in YAML by ``class_path``; configs compose left to right
 (``--config configs/stage2_flant5xxl.yaml --config configs/strategy/fsdp.yaml``).
+
+Fault tolerance by default (docs/fault_tolerance.md): checkpoints are written atomically
+(:class:`~qformer_lightning.scale.checkpointing.AtomicCheckpointIO`), SIGTERM saves ``last.ckpt``
+at the next batch boundary and exits cleanly (the ``preemption:`` section,
+:class:`~qformer_lightning.scale.signals.PreemptionCheckpoint`), and every checkpoint carries
+the resolved config of the run (``checkpoint["qformer_lightning"]["config"]``).
 """
 
 from __future__ import annotations
 
 import os
 
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from qformer_lightning.scale.checkpointing import AtomicCheckpointIO
+from qformer_lightning.scale.signals import PreemptionCheckpoint
 from qformer_lightning.tasks.base import Blip2Task
+
+
+def use_atomic_checkpoint_io(trainer: Trainer) -> bool:
+    """Make the trainer write checkpoints atomically unless a custom ``CheckpointIO`` was configured.
+
+    Returns:
+        whether the plain ``TorchCheckpointIO`` was replaced.
+    """
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is not TorchCheckpointIO:
+        return False
+    strategy.checkpoint_io = AtomicCheckpointIO()
+    return True
 
 
 class Blip2CLI(LightningCLI):
@@ -29,6 +51,23 @@ class Blip2CLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """``preemption:``: the always-present SIGTERM checkpoint callback (``signals: []`` disables it)."""
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; then atomic checkpoint writes and the config for checkpoints."""
+        super().instantiate_classes()
+        use_atomic_checkpoint_io(self.trainer)
+        if isinstance(self.model, Blip2Task):
+            self.model.run_config = self.resolved_config()
+
+    def resolved_config(self) -> str:
+        """The run's full resolved config as YAML (what ``--print_config`` shows)."""
+        parser = self._parser(self.subcommand)
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        return parser.dump(config, skip_none=False)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -5,7 +5,11 @@ metrics, this class owns what all of them share:
 
 - ``frozen``: module-name prefixes frozen (``requires_grad=False``, kept in eval mode).
 - AdamW + per-step warmup/cosine schedule + layer-wise lr decay on an unfrozen ViT.
-- Small checkpoints: frozen weights that can be reloaded from their source are not stored.
+- Small checkpoints: frozen weights that can be reloaded from their source are not stored; the
+  run's resolved config (set by the CLI) and the task's counters are.
+- Exact resume: the global random generators are reseeded at every training batch from
+  ``(seed, global step, epoch, batch index, rank)``, so a run resumed from a mid-epoch checkpoint
+  draws the same random numbers (ITM negatives, dropout) as the uninterrupted run.
 - A non-finite loss either skips the step (all ranks agree) or stops with a message naming the
   step and the batch's sample keys.
 """
@@ -13,11 +17,13 @@ metrics, this class owns what all of them share:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -100,6 +106,8 @@ class Blip2Task(pl.LightningModule):
         self.store_frozen = store_frozen
         self.frozen_dtype = frozen_dtype
         self.num_skipped_steps = 0
+        self.run_config: str | None = None  # the resolved YAML config, set by the CLI, stored in checkpoints
+        self._replaced_total = 0
         self._last_step_time: float | None = None
         self._model_configured = False
 
@@ -212,8 +220,21 @@ class Blip2Task(pl.LightningModule):
         self.log("train/skipped_steps", float(self.num_skipped_steps), rank_zero_only=True)
         return None
 
+    def step_seed(self, batch_idx: int) -> int:
+        """The seed of this training batch: a 63-bit mix of ``(seed, global step, epoch, batch, rank)``.
+
+        ``seed`` is the run's ``seed_everything`` value (``PL_GLOBAL_SEED``, 0 if unset).
+        """
+        base = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        parts = [base, self.global_step, self.current_epoch, batch_idx, self.global_rank]
+        state = np.random.SeedSequence([p & 0xFFFFFFFF for p in parts] + [p >> 32 & 0xFFFFFFFF for p in parts])
+        words = state.generate_state(2, dtype=np.uint32)
+        return int(words[0]) << 31 | int(words[1]) >> 1
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed the global generators from the batch's position (exact resume, see module docstring)."""
         self._batch_idx = batch_idx
+        torch.manual_seed(self.step_seed(batch_idx))
 
     def log_throughput(self, batch_size: int) -> None:
         """Log samples/s (this rank x world size) measured between consecutive steps, and the lr."""
@@ -228,7 +249,7 @@ class Blip2Task(pl.LightningModule):
     def log_data_skips(self, batch: dict[str, Any]) -> None:
         """Log the bad samples the data layer replaced in this batch (total and per reason), summed over steps."""
         replaced = batch.get("replaced") or {}
-        self._replaced_total = getattr(self, "_replaced_total", 0) + int(batch.get("num_replaced", 0))
+        self._replaced_total += int(batch.get("num_replaced", 0))
         self.log("data/replaced_total", float(self._replaced_total), reduce_fx="max", batch_size=1)
         for reason, count in replaced.items():
             self.log(f"data/replaced_{reason}", float(count), reduce_fx="sum", batch_size=1)
@@ -254,11 +275,16 @@ class Blip2Task(pl.LightningModule):
         return dropped
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop frozen weights that have a source; store the task name, the config and the counters."""
         dropped = set(self._dropped_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in dropped}
         checkpoint["qformer_lightning"] = {
             "task": type(self).__qualname__,
+            "task_class": f"{type(self).__module__}.{type(self).__qualname__}",
             "dropped_frozen_keys": sorted(dropped),
+            "config": self.run_config,
+            "num_skipped_steps": self.num_skipped_steps,
+            "replaced_total": self._replaced_total,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -267,8 +293,9 @@ class Blip2Task(pl.LightningModule):
             raise ValueError("this checkpoint was not written by qformer_lightning (no 'qformer_lightning' entry)")
         if meta["task"] != type(self).__qualname__:
             raise ValueError(
-                f"checkpoint is from task {meta['task']}, this run is {type(self).__qualname__}: use the task's "
-                "`pretrained` option to start from another stage's weights (it reports what is loaded and left)"
+                f"checkpoint was written by task {meta.get('task_class', meta['task'])}, but this run's task is "
+                f"{type(self).__module__}.{type(self).__qualname__}: a checkpoint resumes only its own task. To "
+                "start from another stage's weights use the task's `pretrained` option (it reports what is loaded and left)"
             )
         own = self.state_dict()
         state = checkpoint["state_dict"]
@@ -280,3 +307,5 @@ class Blip2Task(pl.LightningModule):
                 f"checkpoint does not fit this model: missing {missing[:20]}, unexpected {unexpected[:20]}, shape mismatch {shape[:20]}"
             )
         self.strict_loading = False  # the dropped frozen weights come from their source
+        self.num_skipped_steps = int(meta.get("num_skipped_steps", 0))
+        self._replaced_total = int(meta.get("replaced_total", 0))

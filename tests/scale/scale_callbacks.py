@@ -1,0 +1,151 @@
+"""Test-only callbacks and data, loaded by the training subprocesses (``PYTHONPATH=tests/scale``).
+
+Added to a CLI run with ``--trainer.callbacks+='{"class_path": "scale_callbacks.PauseAt", ...}'``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
+
+class PauseAt(Callback):
+    """After optimizer step ``step``: write ``marker`` and block (the test then kills the process)."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            Path(self.marker).write_text(str(os.getpid()))
+            while True:
+                time.sleep(0.05)
+
+
+class SignalAt(Callback):
+    """After optimizer step ``step``: send ``signal_name`` to this process's whole group (as SLURM
+    does), or, with ``rank``, only to that rank's process."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM", rank: int | None = None) -> None:
+        self.step, self.signal_name, self.rank = step, signal_name, rank
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self.step:
+            return
+        if self.rank is None:
+            os.killpg(os.getpgid(0), getattr(signal, self.signal_name))
+        elif trainer.global_rank == self.rank:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class StepRecord(Callback):
+    """Per optimizer step (rank 0): the averaged gradients of step ``grad_step`` and the trainable
+    parameters at the end (``{path}/grads.pt``, ``{path}/params.pt``) and the callback metrics
+    after each validation (``{path}/val.jsonl``)."""
+
+    def __init__(self, path: str, grad_step: int = 0) -> None:
+        self.path, self.grad_step = Path(path), grad_step
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step == self.grad_step and trainer.is_global_zero:
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            torch.save(grads, self.path / "grads.pt")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            with open(self.path / "val.jsonl", "a") as f:
+                f.write(json.dumps({"step": trainer.global_step, **metrics}) + "\n")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            params = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            torch.save(params, self.path / "params.pt")
+
+
+class HardestNegatives(Callback):
+    """Replace stage 1's sampled ITM negatives by the hardest one (argmax of the same weights).
+
+    The draw is then a function of the global batch alone, the same for one process and for W
+    ranks, so that a DDP run can be compared with a single-process run number for number.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from qformer_lightning.losses import itm
+        from qformer_lightning.tasks import stage1
+
+        def hardest(sim_i2t, sim_t2i, image_ids_local=None, image_ids_global=None, generator=None, rank=None):
+            batch, global_batch = sim_i2t.shape
+            rank = itm.rank_and_world()[0] if rank is None else rank
+            own, positives = itm._own_and_positive(
+                batch, global_batch, image_ids_local, image_ids_global, rank, sim_i2t.device
+            )
+            with torch.no_grad():
+                weights_t2i = itm.negative_weights(sim_t2i, own, positives)
+                weights_i2t = itm.negative_weights(sim_i2t, own, positives)
+            return weights_t2i.argmax(1), weights_i2t.argmax(1)
+
+        stage1.sample_hard_negatives = hardest
+
+
+class GlobalBatchSet(Dataset):
+    """Fixed image-text samples: sample i is a seeded random image, caption ``captions[i % len]``
+    and image id ``i // 2`` (two captions per image: ITC/ITM positives across samples)."""
+
+    def __init__(self, num: int, image_size: int, captions: list[str], seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(num // 2, 3, image_size, image_size, generator=generator)
+        self.captions = captions
+        self.num = num
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.images[i // 2], "text": self.captions[i % len(self.captions)],
+                "image_id": torch.tensor(i // 2), "key": f"s{i:05d}"}
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"image": torch.stack([s["image"] for s in samples]), "text": [s["text"] for s in samples],
+            "image_id": torch.stack([s["image_id"] for s in samples]), "key": [s["key"] for s in samples]}
+
+
+class GlobalBatchData(pl.LightningDataModule):
+    """Training batches defined globally: global batch k is samples ``[k*G, (k+1)*G)`` and rank r
+    takes the slice ``[k*G + r*B, k*G + (r+1)*B)`` (B = G / world size), so that one process and
+    W processes see the same global batches. Validation: ``num_val`` samples split the same way.
+
+    Run with ``trainer.use_distributed_sampler=false`` (the split is done here).
+    """
+
+    def __init__(self, global_batch: int = 8, num_train: int = 32, num_val: int = 16, image_size: int = 32,
+                 captions: list[str] | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.global_batch, self.num_train, self.num_val = global_batch, num_train, num_val
+        self.image_size, self.seed = image_size, seed
+        self.captions = captions or ["a red circle", "two small blue squares on the left side", "a green triangle"]
+
+    def _loader(self, num: int, seed: int) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if self.global_batch % world:
+            raise ValueError(f"global batch {self.global_batch} does not split over {world} ranks")
+        local = self.global_batch // world
+        data = GlobalBatchSet(num, self.image_size, self.captions, seed)
+        indices = [k * self.global_batch + rank * local + j for k in range(num // self.global_batch) for j in range(local)]
+        return DataLoader(torch.utils.data.Subset(data, indices), batch_size=local, shuffle=False, collate_fn=_collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.num_train, self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.num_val, self.seed + 1)
