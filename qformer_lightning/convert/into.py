@@ -13,10 +13,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from qformer_lightning.convert.report import CheckpointError, ConversionReport
+from qformer_lightning.convert.report import CheckpointError, ConversionReport, resample_grid_pos_embed
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 
-__all__ = ["copy_matching", "finish_report", "load_into", "read_lightning_state"]
+__all__ = ["copy_matching", "finish_report", "load_into", "read_lightning_state", "resample_vit_pos_embed"]
+
+VIT_POS_EMBED = "vision.vit.pos_embed"
+"""Our name of the ViT position embeddings (resampled when the resolution changes)."""
 
 _TOP_LEVEL = ("model", "vision", "qformer", "llm")
 
@@ -62,6 +65,23 @@ def finish_report(model: nn.Module, loaded: set[str], report: ConversionReport) 
     return report
 
 
+def resample_vit_pos_embed(model: nn.Module, state: dict[str, Tensor], report: ConversionReport) -> None:
+    """Resample ``vision.vit.pos_embed`` in ``state`` (in place) to the model's token grid.
+
+    A checkpoint trained at 224 px can start a 364 px finetune: the position embeddings are
+    interpolated (bicubic) to the new grid; the class token's embedding is kept.
+    """
+    own = model.state_dict().get(VIT_POS_EMBED)
+    theirs = state.get(VIT_POS_EMBED)
+    if own is None or theirs is None or theirs.shape == own.shape:
+        return
+    vit = model.get_submodule("vision.vit")
+    prefix = getattr(vit, "num_prefix_tokens", 1)
+    state[VIT_POS_EMBED] = resample_grid_pos_embed(theirs, own.shape[1], prefix)
+    report.resampled.append(VIT_POS_EMBED)
+    report.notes.append(f"{VIT_POS_EMBED} resampled from {theirs.shape[1]} to {own.shape[1]} tokens (bicubic)")
+
+
 def read_lightning_state(path: str | Path) -> tuple[dict[str, Tensor], ConversionReport]:
     """The model tensors of one of this project's Lightning checkpoints, ``model.`` prefix removed.
 
@@ -103,6 +123,7 @@ def load_into(model: Blip2QFormerModel, source: str | Path) -> ConversionReport:
     path = Path(source)
     if path.suffix == ".ckpt":
         state, report = read_lightning_state(path)
+        resample_vit_pos_embed(model, state, report)
         copy_matching(model, state, report)
         return finish_report(model, set(report.loaded), report)
     if path.suffix in (".pth", ".pt", ".bin") and path.is_file():
