@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from qformer_lightning.errors import check_checkpoint_task
 from qformer_lightning.scale.checkpointing import AtomicCheckpointIO
 from qformer_lightning.scale.signals import PreemptionCheckpoint
 from qformer_lightning.tasks.base import Blip2Task
@@ -55,6 +56,14 @@ class Blip2CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``preemption:``: the always-present SIGTERM checkpoint callback (``signals: []`` disables it)."""
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a checkpoint of another task before LightningCLI merges its hyperparameters into the
+        config (that merge would otherwise fail first, with a message about missing arguments)."""
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            check_checkpoint_task(self.config[subcommand].ckpt_path, self.config[subcommand].model.class_path)
+        super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; then atomic checkpoint writes and the config for checkpoints."""

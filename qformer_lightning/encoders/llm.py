@@ -38,6 +38,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from qformer_lightning.errors import explain_hub_errors
+
 log = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -229,26 +231,28 @@ class LanguageModel(nn.Module):
         dtype = DTYPES[self.dtype_name]
         path = resolve_path(self.name_or_path) if self.name_or_path is not None else None
         gguf = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        if path is None:
-            overrides = dict(self.config_overrides)
-            config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
-        else:
-            config = AutoConfig.from_pretrained(path, **gguf)
-            for key, value in self.config_overrides.items():
-                setattr(config, key, value)
-        self._check_dtype(config)
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        if self.random_init:
-            model = auto.from_config(config, dtype=dtype)
-        elif self.gguf_file:
-            model = _load_gguf(auto.from_config(config, dtype=torch.float32), path, self.gguf_file).to(dtype)
-        else:
-            model = auto.from_pretrained(path, config=config, dtype=dtype)
-        tokenizer_path = resolve_path(self.tokenizer_name) if self.tokenizer_name else path
-        if tokenizer_path is None:
-            raise ValueError("a random LM built without name_or_path needs `tokenizer` (hub id or directory)")
-        tokenizer_gguf = gguf if self.tokenizer_name is None else {}
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **tokenizer_gguf)
+        option = "model.init_args.model.init_args.llm.init_args.name_or_path"
+        with explain_hub_errors(self.name_or_path, "language model", option):
+            if path is None:
+                overrides = dict(self.config_overrides)
+                config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+            else:
+                config = AutoConfig.from_pretrained(path, **gguf)
+                for key, value in self.config_overrides.items():
+                    setattr(config, key, value)
+            self._check_dtype(config)
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            if self.random_init:
+                model = auto.from_config(config, dtype=dtype)
+            elif self.gguf_file:
+                model = _load_gguf(auto.from_config(config, dtype=torch.float32), path, self.gguf_file).to(dtype)
+            else:
+                model = auto.from_pretrained(path, config=config, dtype=dtype)
+            tokenizer_path = resolve_path(self.tokenizer_name) if self.tokenizer_name else path
+            if tokenizer_path is None:
+                raise ValueError("a random LM built without name_or_path needs `tokenizer` (hub id or directory)")
+            tokenizer_gguf = gguf if self.tokenizer_name is None else {}
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **tokenizer_gguf)
         vocab = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) < vocab // 2:
             raise ValueError(

@@ -20,6 +20,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
+from qformer_lightning.errors import check_image_size, check_input_size, explain_hub_errors
+
 log = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -63,10 +65,14 @@ class TimmVisionEncoder(nn.Module):
         super().__init__()
         kwargs = dict(model_kwargs or {})
         kwargs.setdefault("img_size", image_size)
-        vit = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        with explain_hub_errors(
+            model_name if pretrained else None, "image encoder weights", "vision.init_args.checkpoint_path", local="file",
+            download_hint="download the timm weights where the hub is reachable, then set pretrained: false and "
+            "checkpoint_path to the file",
+        ):
+            vit = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
         patch = vit.patch_embed.patch_size[0]
-        if image_size % patch != 0:
-            raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch} of {model_name}")
+        check_image_size(image_size, patch, model_name, "vision.init_args.image_size")
         if checkpoint_path is not None:
             load_timm_checkpoint(vit, checkpoint_path)
         if not 0 <= num_removed_blocks < len(vit.blocks):
@@ -104,10 +110,7 @@ class TimmVisionEncoder(nn.Module):
 
     def forward_vit(self, images: Tensor) -> Tensor:
         """ViT up to the kept blocks, no norm. (B, 3, H, W) -> (B, N, Dv)."""
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            raise ValueError(
-                f"images are {tuple(images.shape[-2:])}, the encoder is built for {self.image_size}x{self.image_size}"
-            )
+        check_input_size(images.shape[-2], images.shape[-1], self.image_size)
         images = images.to(self.vit.patch_embed.proj.weight.dtype)  # a frozen ViT may be cast to bf16/fp16
         if self.frozen:
             with torch.no_grad():

@@ -48,7 +48,7 @@ def test_bad_inputs_give_clear_errors(tmp_path) -> None:
     enc = TimmVisionEncoder(image_size=28, model_kwargs=TINY)
     with pytest.raises(ValueError, match="built for 28x28"):
         enc(torch.randn(1, 3, 42, 42))
-    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+    with pytest.raises(ValueError, match="must be a multiple of its patch size"):
         TimmVisionEncoder(image_size=30, model_kwargs=TINY)
     with pytest.raises(FileNotFoundError, match="vision checkpoint not found"):
         TimmVisionEncoder(image_size=28, checkpoint_path=str(tmp_path / "missing.pth"), model_kwargs=TINY)
