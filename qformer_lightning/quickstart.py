@@ -56,6 +56,8 @@ STEPS: tuple[Step, ...] = (
     Step("stage 1", "configs/demo/stage1.yaml", show=("val/txt_r1", "val/img_r1", "val/r_mean", "train/loss")),
     Step("stage 2", "configs/demo/stage2.yaml", pretrained=checkpoint_of("configs/demo/stage1.yaml"),
          show=("val/loss", "train/loss")),
+    Step("retrieval", "configs/demo/retrieval.yaml", test=True, pretrained=checkpoint_of("configs/demo/stage1.yaml"),
+         show=("test/txt_r1", "test/img_r1", "test/txt_r10", "test/img_r10", "test/r_mean")),
 )
 
 
