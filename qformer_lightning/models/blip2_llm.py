@@ -1,13 +1,18 @@
 """BLIP-2 stage-2 model: frozen image encoder + Q-Former + projection + frozen LLM (Sec. 3.3).
 
 Glossary: B batch, N image tokens, Dv vision width, Q queries, D Q-Former width, Dl LLM width,
-V LLM vocabulary.
+V LLM vocabulary, T Q-Former text tokens.
 
 The Q-Former's query outputs Z (B, Q, D) are projected by one linear layer to (B, Q, Dl) and
 prepended to the LLM's text embeddings as a soft visual prompt. The projection's output width
 is the LLM's, known once the LLM is loaded: :meth:`Blip2LLMModel.build` loads the LLM and
 creates the projection (the task calls it in ``configure_model``), so constructing the model
 from YAML reads no weights.
+
+Instructed queries (VQA finetuning, BLIP-2 Sec. 4.2): given Q-Former token ids of the question,
+the queries and the question tokens go through the Q-Former together, attending to each other
+in its self-attention (bidirectional mask, :meth:`QFormer.encode_joint`); only the Q query
+outputs are projected for the LLM. The Q-Former then needs its text parts (``text_ffn=True``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from torch import Tensor, nn
 from qformer_lightning.encoders.llm import LanguageModel
 from qformer_lightning.encoders.vision import TimmVisionEncoder
 from qformer_lightning.nn.qformer import QFormer
+
+QFormerText = tuple[Tensor, Tensor]
+"""Q-Former token ids (B, T) and attention mask (B, T) of a text fed beside the queries."""
 
 
 class Blip2LLMModel(nn.Module):
@@ -76,9 +84,35 @@ class Blip2LLMModel(nn.Module):
         """(B, 3, H, W) -> (B, N, Dv) image features."""
         return self.vision(images)
 
-    def soft_prompt(self, images: Tensor) -> Tensor:
-        """The soft visual prompt. (B, 3, H, W) -> (B, Q, Dl), in the projection's dtype."""
-        query = self.qformer.encode_queries(self.image_embeds(images)).hidden  # (B, Q, D)
+    def query_outputs(self, images: Tensor, question: QFormerText | None = None) -> Tensor:
+        """Q-Former query outputs Z.
+
+        Args:
+            images: (B, 3, H, W).
+            question: Q-Former ids (B, T) and mask (B, T) of a text the queries attend to
+                (VQA: the question), or None (queries and image only).
+
+        Returns:
+            (B, Q, D); with a question, the query positions of the joint pass.
+        """
+        image_embeds = self.image_embeds(images)  # (B, N, Dv)
+        if question is None:
+            return self.qformer.encode_queries(image_embeds).hidden
+        if not self.qformer.has_text:
+            raise ValueError("a question for the Q-Former needs its text parts: build the QFormer with text_ffn=True")
+        ids, mask = question
+        if ids.shape[0] != images.shape[0] or ids.shape != mask.shape:
+            raise ValueError(f"{images.shape[0]} images but question ids {tuple(ids.shape)} and mask {tuple(mask.shape)}")
+        joint = self.qformer.encode_joint(image_embeds, ids, mask)  # (B, Q + T, D)
+        return joint[:, : self.qformer.num_query_tokens]
+
+    def soft_prompt(self, images: Tensor, question: QFormerText | None = None) -> Tensor:
+        """The soft visual prompt. (B, 3, H, W) -> (B, Q, Dl), in the projection's dtype.
+
+        ``question``: optional Q-Former ids and mask (B, T) fed beside the queries (see
+        :meth:`query_outputs`).
+        """
+        query = self.query_outputs(images, question)  # (B, Q, D)
         projection = self._projection()
         return projection(query.to(projection.weight.dtype))
 
@@ -89,6 +123,7 @@ class Blip2LLMModel(nn.Module):
         prompts: list[str] | None = None,
         prefix_lm: bool = False,
         generator: torch.Generator | None = None,
+        question: QFormerText | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Logits and labels of the language-modelling objective.
 
@@ -98,18 +133,24 @@ class Blip2LLMModel(nn.Module):
             prompts: B prompts, or None.
             prefix_lm: encoder-decoder prefix LM (see :class:`LanguageModel`).
             generator: randomness of the prefix split.
+            question: Q-Former ids and mask (B, T) fed beside the queries, or None.
 
         Returns:
             logits (B, K, V) and labels (B, K), as :meth:`LanguageModel.forward` returns them.
         """
-        inputs = self.llm.training_inputs(self.soft_prompt(images), targets, prompts, prefix_lm, generator)
+        inputs = self.llm.training_inputs(self.soft_prompt(images, question), targets, prompts, prefix_lm, generator)
         return self.llm(inputs)
 
     @torch.no_grad()
-    def generate(self, images: Tensor, prompts: list[str] | None = None, **settings: Any) -> Tensor:
-        """Generated token ids (B * num_return_sequences, S); ``settings`` go to :meth:`LanguageModel.generate`."""
-        return self.llm.generate(self.soft_prompt(images), prompts, **settings)
+    def generate(
+        self, images: Tensor, prompts: list[str] | None = None, question: QFormerText | None = None, **settings: Any
+    ) -> Tensor:
+        """Generated token ids (B * num_return_sequences, S); ``settings`` go to :meth:`LanguageModel.generate`,
+        ``question`` (Q-Former ids and mask) to :meth:`query_outputs`."""
+        return self.llm.generate(self.soft_prompt(images, question), prompts, **settings)
 
-    def caption(self, images: Tensor, prompts: list[str] | None = None, **settings: Any) -> list[str]:
-        """Generated texts for a batch of images."""
-        return self.llm.decode(self.generate(images, prompts, **settings))
+    def caption(
+        self, images: Tensor, prompts: list[str] | None = None, question: QFormerText | None = None, **settings: Any
+    ) -> list[str]:
+        """Generated texts for a batch of images (captions, or answers to ``prompts``)."""
+        return self.llm.decode(self.generate(images, prompts, question, **settings))

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from qformer_lightning.convert.into import copy_matching, finish_report, read_lightning_state
-from qformer_lightning.convert.report import ConversionReport
+from qformer_lightning.convert.report import ConversionReport, resample_grid_pos_embed
 from qformer_lightning.models.blip2_llm import Blip2LLMModel
 from qformer_lightning.encoders.llm import T5_FAMILY
 from qformer_lightning.tasks.base import Blip2Task, FrozenDtype, NonFinitePolicy, Optimization
@@ -72,9 +72,13 @@ class Stage2(Blip2Task):
             and no prompt).
         seed: seed of the prefix-LM split points.
         pretrained: start from these weights: this project's Lightning ``.ckpt`` (stage 1 or 2),
-            a Hugging Face Blip2 directory or hub id, or a LAVIS ``.pth``. Parts stage 2 does not
-            use (text embeddings and FFNs, LM head, ITC/ITM heads, temperature) are dropped;
-            what is loaded, dropped and left is printed.
+            a Hugging Face Blip2 directory or hub id, or a LAVIS ``.pth``; or a list of them,
+            loaded in order (a later source overrides what an earlier one loaded, e.g.
+            ``[stage1.ckpt, stage2.ckpt]`` when the stage-2 checkpoint did not store the frozen
+            ViT, or to take a finetune's Q-Former text parts from stage 1). Parts this model
+            does not have (e.g. the text embeddings and FFNs of a ``text_ffn=False`` Q-Former,
+            the LM head, ITC/ITM heads, temperature) are dropped; what is loaded, dropped and
+            left is printed.
         num_beams: generation beams (predict/validation captions).
         max_new_tokens: generation length limit.
         min_new_tokens: minimum generated tokens.
@@ -92,7 +96,7 @@ class Stage2(Blip2Task):
         prompt: str = "",
         prefix_lm: bool = False,
         seed: int = 0,
-        pretrained: str | None = None,
+        pretrained: str | list[str] | None = None,
         num_beams: int = 5,
         max_new_tokens: int = 30,
         min_new_tokens: int = 1,
@@ -134,12 +138,29 @@ class Stage2(Blip2Task):
         model_type = llm.model.config.model_type
         if self.frozen_dtype == "fp16" and "model.llm" in self.frozen and model_type in T5_FAMILY:
             raise ValueError(f"frozen_dtype fp16 would cast the {model_type} LLM to float16, which overflows: use bf16")
-        if self.pretrained is not None:
-            report = load_pretrained(self.model, self.pretrained)
+        for source in self.pretrained_sources:
+            report = load_pretrained(self.model, source)
             rank_zero_info(report.summary())
 
+    @property
+    def pretrained_sources(self) -> list[str]:
+        """``pretrained`` as a list, in loading order."""
+        if self.pretrained is None:
+            return []
+        return [self.pretrained] if isinstance(self.pretrained, str) else list(self.pretrained)
+
+    def results_dir(self, configured: str | None = None) -> Path:
+        """Where evaluation results (JSON) go: ``configured``, else the logger's directory, else
+        the trainer's ``default_root_dir``, else ``results`` in the working directory."""
+        if configured is not None:
+            return Path(configured)
+        if self._trainer is None:
+            return Path("results")
+        log_dir = self.trainer.log_dir
+        return Path(log_dir if log_dir is not None else self.trainer.default_root_dir) / "results"
+
     def frozen_weights_have_source(self) -> bool:
-        vision = self.model.vision.has_weight_source or self.pretrained is not None
+        vision = self.model.vision.has_weight_source or bool(self.pretrained_sources)
         return vision and self.model.llm.has_weight_source
 
     # ------------------------------------------------------------------ objective
@@ -176,10 +197,17 @@ class Stage2(Blip2Task):
         loss = self.compute_loss(batch, self._generator(1, batch_idx))
         self.log("val/loss", loss, sync_dist=True, batch_size=batch["image"].shape[0])
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        """Captions/answers with the task's generation settings."""
-        prompts = batch.get("prompt") or ([self.prompt] * batch["image"].shape[0] if self.prompt else None)
-        return self.model.caption(batch["image"], prompts, **self.generation)
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Captions, answers and free-prompt generations with the task's generation settings.
+
+        Returns:
+            one record per request (its fields plus ``output`` and ``llm_prompt``), see
+            :mod:`qformer_lightning.tasks.predict`.
+        """
+        from qformer_lightning.tasks.predict import batch_requests, generate_predictions
+
+        requests = batch_requests(batch, score_texts=False)
+        return generate_predictions(self.model, batch["image"], requests, self.prompt, self.generation)
 
 
 # ---------------------------------------------------------------------------- initial weights
@@ -207,8 +235,18 @@ def load_pretrained(model: Blip2LLMModel, source: str) -> ConversionReport:
     return _load_hf(model, source)
 
 
+VIT_POS_EMBED = "vision.vit.pos_embed"
+"""Our name of the ViT position embeddings (resampled when the resolution changes)."""
+
+
 def _load_lightning(model: Blip2LLMModel, path: Path) -> ConversionReport:
     state, report = read_lightning_state(path)
+    own = model.state_dict().get(VIT_POS_EMBED)
+    theirs = state.get(VIT_POS_EMBED)
+    if own is not None and theirs is not None and theirs.shape != own.shape:
+        prefix = getattr(model.vision.vit, "num_prefix_tokens", 1)
+        state[VIT_POS_EMBED] = resample_grid_pos_embed(theirs, own.shape[1], prefix)  # e.g. 224 -> 364 px
+        report.resampled.append(VIT_POS_EMBED)
     copy_matching(model, state, report)
     return finish_report(model, set(report.loaded), report)
 
