@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from qformer_lightning.convert.into import copy_matching, finish_report, read_lightning_state
-from qformer_lightning.convert.report import ConversionReport, resample_grid_pos_embed
+from qformer_lightning.convert.into import copy_matching, finish_report, read_lightning_state, resample_vit_pos_embed
+from qformer_lightning.convert.report import ConversionReport
 from qformer_lightning.models.blip2_llm import Blip2LLMModel
 from qformer_lightning.encoders.llm import T5_FAMILY
 from qformer_lightning.tasks.base import Blip2Task, FrozenDtype, NonFinitePolicy, Optimization
@@ -235,18 +235,9 @@ def load_pretrained(model: Blip2LLMModel, source: str) -> ConversionReport:
     return _load_hf(model, source)
 
 
-VIT_POS_EMBED = "vision.vit.pos_embed"
-"""Our name of the ViT position embeddings (resampled when the resolution changes)."""
-
-
 def _load_lightning(model: Blip2LLMModel, path: Path) -> ConversionReport:
     state, report = read_lightning_state(path)
-    own = model.state_dict().get(VIT_POS_EMBED)
-    theirs = state.get(VIT_POS_EMBED)
-    if own is not None and theirs is not None and theirs.shape != own.shape:
-        prefix = getattr(model.vision.vit, "num_prefix_tokens", 1)
-        state[VIT_POS_EMBED] = resample_grid_pos_embed(theirs, own.shape[1], prefix)  # e.g. 224 -> 364 px
-        report.resampled.append(VIT_POS_EMBED)
+    resample_vit_pos_embed(model, state, report)  # e.g. a 224 px stage 1 into a 364 px finetune
     copy_matching(model, state, report)
     return finish_report(model, set(report.loaded), report)
 

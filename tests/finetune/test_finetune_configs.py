@@ -25,14 +25,17 @@ TINY = [
 LLMS = {
     "opt2.7b": ("facebook/opt-2.7b", "Salesforce/blip2-opt-2.7b", "\n", "Question: {} Answer:"),
     "flant5xl": ("google/flan-t5-xl", "Salesforce/blip2-flan-t5-xl", None, "Question: {} Short answer:"),
+    "opt6.7b": ("facebook/opt-6.7b", "Salesforce/blip2-opt-6.7b", "\n", "Question: {} Answer:"),
+    "flant5xxl": ("google/flan-t5-xxl", "Salesforce/blip2-flan-t5-xxl", None, "Question: {} Short answer:"),
 }
 CAPTION = ["caption_coco_opt2.7b.yaml", "caption_coco_flant5xl.yaml"]
 NOCAPS = ["zeroshot_nocaps_opt2.7b.yaml", "zeroshot_nocaps_flant5xl.yaml"]
-VQA_FINETUNE = ["vqav2_opt2.7b.yaml", "vqav2_flant5xl.yaml"]
+VQA_FINETUNE = ["vqav2_opt2.7b.yaml", "vqav2_opt6.7b.yaml", "vqav2_flant5xl.yaml"]
 ZERO_SHOT = [
     "zeroshot_vqav2_opt2.7b.yaml", "zeroshot_vqav2_flant5xl.yaml",
     "zeroshot_gqa_opt2.7b.yaml", "zeroshot_gqa_flant5xl.yaml",
     "zeroshot_okvqa_opt2.7b.yaml", "zeroshot_okvqa_flant5xl.yaml",
+    "zeroshot_vqav2_flant5xxl.yaml", "zeroshot_gqa_flant5xxl.yaml", "zeroshot_okvqa_flant5xxl.yaml",
 ]
 DEMOS = ["demo/caption.yaml", "demo/vqa.yaml"]
 
