@@ -58,6 +58,9 @@ STEPS: tuple[Step, ...] = (
          show=("val/loss", "train/loss")),
     Step("retrieval", "configs/demo/retrieval.yaml", test=True, pretrained=checkpoint_of("configs/demo/stage1.yaml"),
          show=("test/txt_r1", "test/img_r1", "test/txt_r10", "test/img_r10", "test/r_mean")),
+    # the caption and VQA demos list both checkpoints in `pretrained` (stage 1 holds the frozen ViT)
+    Step("caption", "configs/demo/caption.yaml", test=True, show=("test/Bleu_4", "test/CIDEr", "test/METEOR")),
+    Step("vqa", "configs/demo/vqa.yaml", test=True, show=("test/vqa_acc",)),
 )
 
 

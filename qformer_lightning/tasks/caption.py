@@ -217,6 +217,10 @@ class Caption(Stage2):
         self.finish_evaluation("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """``[{"image_id", "caption"}]`` for the batch (COCO results records)."""
+        """``[{"image_id", "caption"}]`` for an annotation batch (COCO results records); for the
+        requests of :class:`~qformer_lightning.data.predict.PredictDataModule` (user images, prompts),
+        the records of :meth:`Stage2.predict_step`."""
+        if "request" in batch:
+            return super().predict_step(batch, batch_idx)
         captions = self.generate_captions(batch["image"])
         return [{"image_id": int(i), "caption": c} for i, c in zip(batch["image_id"].tolist(), captions)]

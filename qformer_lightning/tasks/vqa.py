@@ -262,6 +262,32 @@ class VQA(Stage2):
         self.finish_evaluation("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """``[{"question_id", "answer"}]`` for the batch (official results records)."""
+        """``[{"question_id", "answer"}]`` for an annotation batch (official results records).
+
+        For the requests of :class:`~qformer_lightning.data.predict.PredictDataModule` (user
+        images): questions are answered like the evaluation does (the question also goes to the
+        Q-Former), other requests (captions, free prompts) as in :meth:`Stage2.predict_step`.
+        """
+        if "request" in batch:
+            return self.predict_requests(batch, batch_idx)
         answers = self.answer(batch["image"], list(batch["text"]))
         return [{"question_id": int(q), "answer": a} for q, a in zip(batch["question_id"].tolist(), answers)]
+
+    def predict_requests(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """User requests: each request with ``output`` (and ``llm_prompt``) added, in batch order."""
+        from qformer_lightning.tasks.predict import batch_requests, llm_prompt
+
+        requests = batch_requests(batch, score_texts=False)
+        asked = [i for i, r in enumerate(requests) if r.get("task") == "question"]
+        if len(asked) < len(requests):  # captions / free prompts: the generic stage-2 path
+            records = super().predict_step(batch, batch_idx)
+        else:
+            records = [dict(r) for r in requests]
+        if asked:
+            questions = [requests[i]["question"] for i in asked]
+            encoder_decoder = self.model.llm.is_encoder_decoder
+            prompts = [llm_prompt(requests[i], self.prompt, encoder_decoder) for i in asked]  # a request's own template wins
+            answers = self.model.caption(batch["image"][asked], prompts, self.qformer_question(questions), **self.generation)
+            for i, prompt, answer in zip(asked, prompts, answers):
+                records[i] = {**requests[i], "output": answer, "llm_prompt": prompt}
+        return records

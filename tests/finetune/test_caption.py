@@ -150,3 +150,15 @@ def test_missing_references_are_reported() -> None:
         references_from_dataset(NoCaptions(), "test")
     with pytest.raises(ValueError, match="per split"):
         Caption(tiny_model("opt"), references={"train": "x.json"})
+
+
+def test_predict_on_user_images_captions_each_request() -> None:
+    """`predict` with PredictDataModule batches (no image ids): the task's caption settings and prompt."""
+    task = Caption(tiny_model("t5"), num_beams=2, max_new_tokens=5, min_new_tokens=2).eval()
+    task.configure_model()
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    batch = {"image": images, "request": [{"image": "a.jpg", "task": "caption"}, {"image": "b.jpg", "task": "caption", "id": 7}]}
+    records = task.predict_step(batch, 0)
+    assert [(r["image"], r["llm_prompt"]) for r in records] == [("a.jpg", "a photo of"), ("b.jpg", "a photo of")]
+    assert records[1]["id"] == 7
+    assert [r["output"] for r in records] == task.generate_captions(images)

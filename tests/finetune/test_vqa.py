@@ -219,3 +219,19 @@ def test_finetune_fit_updates_vit_and_qformer_text_parts(corpus, tmp_path) -> No
     assert "model.vision.vit.blocks.0.attn.qkv.weight" in changed
     assert "model.qformer.layers.0.text_ffn.fc1.weight" in changed and "model.qformer.word_embeddings.weight" in changed
     assert not any(n.startswith("model.llm.") for n in changed)
+
+
+def test_predict_on_user_requests_feeds_questions_to_the_qformer() -> None:
+    """`predict` with PredictDataModule batches: a question is answered as in evaluation (question to
+    the Q-Former too), a caption request in the same batch takes the generic stage-2 path."""
+    task = _task("opt", prompt=OPT_VQA_PROMPT, num_beams=1, max_new_tokens=4)
+    batch = {
+        "image": IMAGES,
+        "request": [{"image": "a.jpg", "task": "question", "question": "what color is the circle?"},
+                    {"image": "b.jpg", "task": "caption"}],
+    }
+    records = task.predict_step(batch, 0)
+    assert [r["image"] for r in records] == ["a.jpg", "b.jpg"]
+    assert records[0]["llm_prompt"] == "Question: what color is the circle? Answer:"
+    assert records[0]["output"] == task.answer(IMAGES[:1], ["what color is the circle?"])[0]
+    assert records[1]["task"] == "caption" and isinstance(records[1]["output"], str)
