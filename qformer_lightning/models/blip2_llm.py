@@ -17,7 +17,7 @@ outputs are projected for the LLM. The Q-Former then needs its text parts (``tex
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,11 @@ class Blip2LLMModel(nn.Module):
         llm: the language-model adapter (loaded on :meth:`build`).
         projection: the linear map D -> Dl; ``None`` creates it on :meth:`build` (PyTorch's
             default ``nn.Linear`` init, as LAVIS's ``opt_proj``/``t5_proj``).
+        projection_init: how :meth:`build` initialises a new projection: ``"default"`` (as LAVIS)
+            or ``"embedding_scale"``: normal weights, zero bias, sized so that unit-variance query
+            outputs give soft prompts with the standard deviation of the LLM's input embeddings
+            (PyTorch's default gives prompts several times larger than the token embeddings of a
+            small LLM, which the first hundreds of steps spend shrinking; used by the CPU demos).
     """
 
     def __init__(
@@ -47,8 +52,12 @@ class Blip2LLMModel(nn.Module):
         qformer: QFormer,
         llm: LanguageModel,
         projection: nn.Linear | None = None,
+        projection_init: Literal["default", "embedding_scale"] = "default",
     ) -> None:
         super().__init__()
+        if projection_init not in ("default", "embedding_scale"):
+            raise ValueError(f"projection_init must be 'default' or 'embedding_scale', got {projection_init!r}")
+        self.projection_init = projection_init
         if qformer.vision_width != vision.width:
             raise ValueError(
                 f"Q-Former vision_width={qformer.vision_width} does not match the image encoder width {vision.width}"
@@ -72,6 +81,11 @@ class Blip2LLMModel(nn.Module):
         width = self.llm.hidden_size
         if self.projection is None:
             self.projection = nn.Linear(self.qformer.hidden_size, width)
+            if self.projection_init == "embedding_scale":
+                target = self.llm.model.get_input_embeddings().weight.float().std().item()
+                with torch.no_grad():
+                    self.projection.weight.normal_(0.0, target / self.qformer.hidden_size**0.5)
+                    self.projection.bias.zero_()
         elif self.projection.out_features != width:
             raise ValueError(f"projection gives {self.projection.out_features} features, the LLM expects {width}")
 

@@ -227,3 +227,24 @@ def test_random_init_from_overrides_and_dtype(tmp_path) -> None:
     inputs = llm.training_inputs(torch.randn(1, Q, 16), ["a dog"])
     assert inputs.inputs_embeds.dtype == torch.bfloat16  # the fp32 soft prompt is cast to the LM's dtype
     assert inputs.input_ids.tolist() == [[OPT["bos"], OPT["a"], OPT["dog"], OPT["eos"]]]
+
+
+def test_projection_init_at_the_embedding_scale() -> None:
+    """``projection_init="embedding_scale"``: unit-variance query outputs give soft prompts with the
+    standard deviation of the LLM's input embeddings; ``"default"`` keeps PyTorch's (LAVIS's) init."""
+    from qformer_lightning.models.blip2_llm import Blip2LLMModel
+    from stage2_tiny import tiny_vision_qformer
+
+    vision, qformer = tiny_vision_qformer()
+    torch.manual_seed(0)
+    model = Blip2LLMModel(vision, qformer, tiny_llm("opt"), projection_init="embedding_scale")
+    target = model.llm.model.get_input_embeddings().weight.std().item()
+    queries = torch.randn(4096, qformer.hidden_size, generator=torch.Generator().manual_seed(1))
+    prompts = model.projection(queries)
+    assert prompts.std().item() == pytest.approx(target, rel=0.1)
+    assert torch.count_nonzero(model.projection.bias) == 0
+    default = Blip2LLMModel(*tiny_vision_qformer(), tiny_llm("opt"))
+    bound = 1 / qformer.hidden_size**0.5  # nn.Linear's kaiming-uniform bound
+    assert default.projection.weight.abs().max() <= bound and default.projection.weight.std() > 0.5 * bound / 3**0.5
+    with pytest.raises(ValueError, match="projection_init"):
+        Blip2LLMModel(*tiny_vision_qformer(), tiny_llm("opt"), projection_init="xavier")
