@@ -186,6 +186,7 @@ class LanguageModel(nn.Module):
         self.config_overrides = dict(config_overrides or {})
         self.random_init = random_init
         self.target_suffix = target_suffix
+        self._space_starts_words: bool | None = None
         self.max_text_length = max_text_length
         self.max_prompt_length = max_prompt_length
         self.frozen = frozen
@@ -277,6 +278,7 @@ class LanguageModel(nn.Module):
             raise ValueError("the tokenizer has neither a pad nor an EOS token: one is needed for padding")
         self.model = model
         self.tokenizer = tokenizer
+        self._space_starts_words = None
         if self.frozen:
             model.requires_grad_(False)
             model.eval()
@@ -402,7 +404,27 @@ class LanguageModel(nn.Module):
                 goals = self.target_ids(targets)
             return self._seq2seq_inputs(soft_prompt, sources, goals)
         heads = self.prompt_ids(prompts if prompts is not None else [""] * batch)
-        return self._decoder_inputs(soft_prompt, heads, self.target_ids(targets))
+        return self._decoder_inputs(soft_prompt, heads, self.target_ids(self.continuations(targets, prompts)))
+
+    def continuations(self, targets: list[str], prompts: list[str] | None) -> list[str]:
+        """Targets as continuations of their prompts (decoder-only LLMs).
+
+        Prompt and target are tokenised apart. A byte-level BPE (OPT, SmolLM, Llama-3) marks a word
+        start with a leading space, so a target after a non-empty prompt gets one: tokenised bare,
+        "a red square" after "a photo of" would be learnt (and generated) as "...ofa red square".
+        SentencePiece tokenizers mark word starts themselves and are left as they are.
+        """
+        if prompts is None or not self.space_starts_words:
+            return targets
+        return [t if not p or p[-1].isspace() or t[:1].isspace() else " " + t for t, p in zip(targets, prompts)]
+
+    @property
+    def space_starts_words(self) -> bool:
+        """Whether the tokenizer is a byte-level BPE whose word-start tokens carry the space ("Ġa")."""
+        if self._space_starts_words is None:
+            first = self.tokenizer.convert_ids_to_tokens(self.tokenize([" a"], 4)[0])[:1]
+            self._space_starts_words = bool(first) and first[0].startswith("Ġ")
+        return self._space_starts_words
 
     def _soft(self, soft_prompt: Tensor) -> Tensor:
         return soft_prompt.to(self._require().get_input_embeddings().weight.dtype)

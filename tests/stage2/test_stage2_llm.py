@@ -248,3 +248,33 @@ def test_projection_init_at_the_embedding_scale() -> None:
     assert default.projection.weight.abs().max() <= bound and default.projection.weight.std() > 0.5 * bound / 3**0.5
     with pytest.raises(ValueError, match="projection_init"):
         Blip2LLMModel(*tiny_vision_qformer(), tiny_llm("opt"), projection_init="xavier")
+
+
+def _byte_level_tokenizer():
+    """A tiny byte-level BPE tokenizer (as OPT's and SmolLM2's), trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a photo of a red square", "a picture of two blue circles", "a photo of a cat"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+
+
+def test_targets_continue_their_prompt_with_a_word_start_for_byte_level_bpe() -> None:
+    """A byte-level BPE target after "a photo of" starts with a space token, so the model learns
+    (and generates) "a photo of a red square", not "a photo ofa red square"."""
+    from transformers import AutoModelForCausalLM
+
+    tok = _byte_level_tokenizer()
+    llm = LanguageModel.from_modules(AutoModelForCausalLM.from_config(__import__("stage2_tiny").opt_config(len(tok))), tok)
+    assert llm.space_starts_words
+    inputs = llm.training_inputs(torch.zeros(1, Q, llm.hidden_size), ["a red square"], ["a photo of"])
+    ids = inputs.input_ids[0][inputs.attention_mask[0, Q:].bool()].tolist()
+    assert tok.decode(ids, skip_special_tokens=True) == "a photo of a red square"
+    assert llm.continuations(["a red square"], [""]) == ["a red square"]  # no prompt: nothing to continue
+    word_level = tiny_llm("opt")  # a word-level tokenizer marks no word starts: targets unchanged
+    assert not word_level.space_starts_words
+    assert word_level.continuations(["red"], ["a photo of"]) == ["red"]
