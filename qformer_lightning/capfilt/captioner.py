@@ -88,8 +88,12 @@ class Captioner:
         """Load the model (``AutoModelForImageTextToText``) and tokenizer from a hub id or a directory."""
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
-        return cls(model, AutoTokenizer.from_pretrained(name_or_path), sampling)
+        from qformer_lightning.errors import explain_hub_errors
+
+        with explain_hub_errors(name_or_path, "captioner", "--captioner"):
+            model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return cls(model, tokenizer, sampling)
 
     @property
     def device(self) -> torch.device:

@@ -32,9 +32,12 @@ class ClipScorer:
         """Load ``CLIPModel`` and its tokenizer from a hub id or a directory."""
         from transformers import AutoTokenizer, CLIPModel
 
-        model = CLIPModel.from_pretrained(name_or_path, dtype=dtype).to(device)
-        max_len = int(model.config.text_config.max_position_embeddings)
-        return cls(model, AutoTokenizer.from_pretrained(name_or_path), max_len)
+        from qformer_lightning.errors import explain_hub_errors
+
+        with explain_hub_errors(name_or_path, "CLIP model", "--clip"):
+            model = CLIPModel.from_pretrained(name_or_path, dtype=dtype).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return cls(model, tokenizer, int(model.config.text_config.max_position_embeddings))
 
     @property
     def device(self) -> torch.device:

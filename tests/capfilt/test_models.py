@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -120,3 +121,13 @@ def test_any_image_to_text_model_vision_encoder_decoder(tmp_path) -> None:
     assert [len(c) for c in captions] == [2, 2, 2] and all(c for caps in captions for c in caps)
     assert captioner.generate(pixels, seed=0) == captions
     assert captioner.generate(pixels, seed=1) != captions
+
+
+def test_default_models_offline_say_how_to_pass_a_local_directory(monkeypatch) -> None:
+    from qformer_lightning.errors import HubUnreachableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUnreachableError, match="--captioner"):
+        Captioner.from_pretrained("Salesforce/blip-image-captioning-large")
+    with pytest.raises(HubUnreachableError, match="--clip"):
+        ClipScorer.from_pretrained("openai/clip-vit-large-patch14")
