@@ -27,6 +27,7 @@ import time
 from urllib.parse import urlparse
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 
 def read_rows(paths: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -80,11 +81,13 @@ def build(images: str, captions: list[str], out: str, shard_size: int, max_side:
     os.makedirs(out, exist_ok=True)
     digits = max(4, len(str(shard_size - 1)))
     totals = {"shards": 0, "samples": 0, "missing": 0, "unreadable": 0}
+    bar = tqdm(total=len(rows), desc="building shards", unit="img", disable=None)  # a terminal only
     for shard, lo in enumerate(range(0, len(rows), shard_size)):
         name = os.path.join(out, f"{shard:05d}")
         written = missing = unreadable = 0
         with tarfile.open(f"{name}.tar", "w") as tar:
             for index, (field, where, caps) in enumerate(rows[lo : lo + shard_size]):
+                bar.update(1)
                 path = local_file(images, field, where)
                 if not os.path.isfile(path):
                     missing += 1
@@ -109,6 +112,7 @@ def build(images: str, captions: list[str], out: str, shard_size: int, max_side:
         totals["samples"] += written
         totals["missing"] += missing
         totals["unreadable"] += unreadable
+    bar.close()
     return totals
 
 

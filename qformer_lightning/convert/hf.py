@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from tqdm.auto import tqdm
 from torch import Tensor
 
 from qformer_lightning.convert.keymap import KeyMap, KeyRule, bert_layer_rules, rename
@@ -252,7 +253,8 @@ def _skipped(key: str, prefixes: tuple[str, ...]) -> bool:
 
 def _read_weights(files: Iterable[Path], skip_prefixes: tuple[str, ...]) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
-    for file in files:
+    files = list(files)
+    for file in tqdm(files, desc="reading weights", unit="file", disable=None if len(files) > 1 else True):
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 

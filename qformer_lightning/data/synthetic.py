@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -253,7 +254,8 @@ def _generate(out: Path, params: dict) -> None:
     for split in SPLITS:
         lavis, questions_json, annotations_json = [], [], []
         shard_samples: list[tuple[str, bytes, list[str], int, str]] = []
-        for _ in range(sizes[split]):
+        # progress on a terminal only (disable=None): logs and tests stay quiet
+        for _ in tqdm(range(sizes[split]), desc=f"synthetic corpus: {split}", unit="img", disable=None):
             scene = make_scene(next_id, rng)
             next_id += 1
             buf = io.BytesIO()
