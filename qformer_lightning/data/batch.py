@@ -92,12 +92,14 @@ def assemble_batch(
     std: tuple[float, ...],
     spare: Callable[[], Sample],
     replacement_log: ReplacementLog | None = None,
+    normalise: bool = True,
 ) -> dict:
     """Replace failed items, stack and normalise; returns the batch dict (module docstring).
 
     Args:
         items: the batch's samples in order, bad ones as :class:`Failed`.
         mean, std: per-channel normalisation.
+        normalise: ``False`` keeps ``image`` as stacked uint8 (B, S, S, 3) for :func:`normalize_batch`.
         spare: called (once) when no item of the batch is good; returns a sample to use.
         replacement_log: where replacements are recorded for logging.
     """
@@ -122,7 +124,9 @@ def assemble_batch(
             samples.append(spare_sample)
     images = torch.from_numpy(np.stack([s.image for s in samples]))  # (B, S, S, 3) uint8
     batch: dict = {
-        "image": normalize(images, mean, std),  # (B, 3, S, S)
+        # (B, 3, S, S) float32; or (B, S, S, 3) uint8, a quarter of the bytes, for a loader worker to
+        # send (the loader normalises in the main process: normalize_batch)
+        "image": normalize(images, mean, std) if normalise else images,
         "text": [s.text for s in samples],
         "image_id": torch.tensor([s.image_id for s in samples], dtype=torch.long),  # (B,)
         "key": [s.key for s in samples],
@@ -161,3 +165,10 @@ def sample_seed(*parts: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
         x = z ^ (z >> 31)
     return x
+
+
+def normalize_batch(batch: dict, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    """Normalise a batch whose ``image`` is still uint8 (B, S, S, 3) -> float32 (B, 3, S, S), in place."""
+    if batch["image"].dtype == torch.uint8:
+        batch["image"] = normalize(batch["image"], mean, std)
+    return batch

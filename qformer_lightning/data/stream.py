@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from qformer_lightning.data.batch import Failed, ReplacementLog, Sample, assemble_batch, sample_seed, stable_id
+from qformer_lightning.data.batch import Failed, ReplacementLog, Sample, assemble_batch, normalize_batch, sample_seed, stable_id
 from qformer_lightning.data.image import BadSample, ImageTransform
 from qformer_lightning.data.plan import Task, epoch_tasks, locate, num_batches, rank_share, worker_plan
 from qformer_lightning.data.shards import Shard, TruncatedAt, _is_remote, iter_tar_samples, open_url
@@ -166,6 +166,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.skip = 0
         self.replacement_log = ReplacementLog()
+        self.defer_normalise = False  # set by ShardLoader when workers send uint8 batches
         if len(self) == 0:
             raise ValueError(
                 f"an epoch of {self.total} samples gives no batch of {batch_size} per rank on "
@@ -217,7 +218,7 @@ class ShardStream(IterableDataset):
             for _ in range(size):
                 i, task, item = next(raw)
                 items.append(self._decode(task, item, int(plan.positions[i])))
-            yield assemble_batch(items, self.mean, self.std, get_spare, self.replacement_log)
+            yield assemble_batch(items, self.mean, self.std, get_spare, self.replacement_log, not self.defer_normalise)
 
     def _url(self, task: Task) -> str:
         return self.sources[task.source][task.shard].url
@@ -359,6 +360,8 @@ class ShardLoader:
 
     def _loader(self) -> DataLoader:
         workers = self.dataset.num_workers
+        # worker processes send uint8 images (4x fewer bytes); the main process normalises them
+        self.dataset.defer_normalise = workers > 0
         return DataLoader(
             self.dataset,
             batch_size=None,
@@ -370,7 +373,11 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_position(0, 0)
-        return iter(self._loader())
+        return self._normalised(iter(self._loader()))
+
+    def _normalised(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            yield normalize_batch(batch, self.dataset.mean, self.dataset.std)
 
 
 class ResumableShardLoader(ShardLoader):
@@ -398,7 +405,7 @@ class ResumableShardLoader(ShardLoader):
             epoch, skip = self.epoch + 1, 0
         self.epoch, self.batches = epoch, skip
         self.dataset.set_position(epoch, skip)
-        return self._count(iter(self._loader()))
+        return self._count(self._normalised(iter(self._loader())))
 
     def _count(self, batches: Iterator[dict]) -> Iterator[dict]:
         for batch in batches:

@@ -171,6 +171,21 @@ def test_batch_layout(corpus) -> None:
     assert -2.0 < batch["image"].min() and batch["image"].max() < 2.2  # CLIP-normalised
 
 
+def test_worker_batches_are_normalised_in_the_main_process_identically(corpus) -> None:
+    """Workers send uint8 images (a quarter of the bytes); the loader normalises them in the main
+    process. Validation (no augmentation) gives exactly the in-process images per key; training
+    batches come out float32 and normalised."""
+    for batch in _epoch(_dm(corpus, num_workers=2).train_dataloader()):
+        assert batch["image"].dtype == torch.float32 and batch["image"].shape == (8, 3, 16, 16)
+        assert -2.0 < batch["image"].min() and batch["image"].max() < 2.2
+    val_sources = [ShardSource(corpus.shards("val"), name="val")]
+    one = _epoch(_dm(corpus, val_sources=val_sources, num_workers=0).val_dataloader())
+    two = _epoch(_dm(corpus, val_sources=val_sources, num_workers=2).val_dataloader())
+    assert sorted(k for b in two for k in b["key"]) == sorted(k for b in one for k in b["key"])
+    images = {k: img for b in one for k, img in zip(b["key"], b["image"])}
+    assert all(torch.equal(img, images[k]) for b in two for k, img in zip(b["key"], b["image"]))
+
+
 def test_val_loader_reads_in_file_order_with_a_short_last_batch(corpus) -> None:
     dm = _dm(corpus, val_sources=[ShardSource(corpus.shards("val"))], val_batch_size=10)
     dm.setup("fit")
