@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from qformer_lightning.convert.report import CheckpointError, ConversionReport, resample_grid_pos_embed
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 
-__all__ = ["copy_matching", "finish_report", "load_into", "read_lightning_state", "resample_vit_pos_embed"]
+__all__ = ["copy_matching", "finish_report", "load_into", "load_lightning_into", "read_lightning_state", "resample_vit_pos_embed"]
 
 VIT_POS_EMBED = "vision.vit.pos_embed"
 """Our name of the ViT position embeddings (resampled when the resolution changes)."""
@@ -106,6 +106,20 @@ def read_lightning_state(path: str | Path) -> tuple[dict[str, Tensor], Conversio
     return state, report
 
 
+def load_lightning_into(model: nn.Module, path: str | Path) -> ConversionReport:
+    """Fill any built model from one of this project's Lightning checkpoints, by our names: what
+    the model lacks is dropped, what the checkpoint lacks is left as built (both reported), the
+    ViT position embeddings are resampled to the model's resolution.
+
+    Raises:
+        FileNotFoundError, CheckpointError: see :func:`read_lightning_state`; shape mismatches.
+    """
+    state, report = read_lightning_state(path)
+    resample_vit_pos_embed(model, state, report)
+    copy_matching(model, state, report)
+    return finish_report(model, set(report.loaded), report)
+
+
 def load_into(model: Blip2QFormerModel, source: str | Path) -> ConversionReport:
     """Fill a built stage-1 model (:class:`Blip2QFormerModel`) from a checkpoint.
 
@@ -122,10 +136,7 @@ def load_into(model: Blip2QFormerModel, source: str | Path) -> ConversionReport:
     """
     path = Path(source)
     if path.suffix == ".ckpt":
-        state, report = read_lightning_state(path)
-        resample_vit_pos_embed(model, state, report)
-        copy_matching(model, state, report)
-        return finish_report(model, set(report.loaded), report)
+        return load_lightning_into(model, path)
     if path.suffix in (".pth", ".pt", ".bin") and path.is_file():
         from qformer_lightning.convert.lavis import load_lavis_state_dict, read_lavis_checkpoint
 

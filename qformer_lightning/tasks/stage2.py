@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from qformer_lightning.convert.into import copy_matching, finish_report, read_lightning_state, resample_vit_pos_embed
+from qformer_lightning.convert.into import copy_matching, finish_report, load_lightning_into
 from qformer_lightning.convert.report import ConversionReport
 from qformer_lightning.models.blip2_llm import Blip2LLMModel
 from qformer_lightning.encoders.llm import T5_FAMILY
@@ -229,17 +229,10 @@ def load_pretrained(model: Blip2LLMModel, source: str) -> ConversionReport:
     """
     path = Path(source)
     if path.suffix == ".ckpt":
-        return _load_lightning(model, path)
+        return load_lightning_into(model, path)  # e.g. a 224 px stage 1 into a 364 px finetune
     if path.suffix in (".pth", ".pt", ".bin") and path.is_file():
         return _load_lavis(model, path)
     return _load_hf(model, source)
-
-
-def _load_lightning(model: Blip2LLMModel, path: Path) -> ConversionReport:
-    state, report = read_lightning_state(path)
-    resample_vit_pos_embed(model, state, report)  # e.g. a 224 px stage 1 into a 364 px finetune
-    copy_matching(model, state, report)
-    return finish_report(model, set(report.loaded), report)
 
 
 def _language_state(language: dict[str, Tensor]) -> dict[str, Tensor]:
