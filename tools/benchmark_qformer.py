@@ -8,7 +8,12 @@ median time ratio ours / reference, in eval mode (no dropout) and in train mode 
 training). The headline is train mode: that is the pass a training step runs.
 
 Before timing, the eval-mode outputs of the two models are compared (max abs difference printed;
-the run stops if it exceeds ``--tolerance``).
+the run stops if it exceeds ``--tolerance``), and the floating-point operations of one train-mode
+forward + backward of each are counted with ``torch.utils.flop_counter`` (matrix products and
+attention; elementwise work is not counted). Their ratio is the time ratio two passes would have
+if they ran their matrix products equally fast: ours needs fewer because the cross-attention is
+computed in the absorbed order (:mod:`qformer_lightning.nn.attention`). After timing, the achieved
+GFLOP/s of each is printed, which shows how fast each one ran its share.
 
 Example (the figures reported for the 2-core CPU sandbox)::
 
@@ -27,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.utils.flop_counter as flop_counter
 from torch import Tensor, nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -131,6 +137,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _sdpa_cpu_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args, **kwargs) -> int:
+    """FLOPs of PyTorch's CPU flash-attention kernel (forward), counted as the CUDA kernels are."""
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flops(
+    grad_out: torch.Size, query: torch.Size, key: torch.Size, value: torch.Size, *args, **kwargs
+) -> int:
+    """FLOPs of the CPU flash-attention backward (scores recomputed), counted as the CUDA kernels are."""
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+"""The CPU attention kernels that ``torch.utils.flop_counter`` has no formula for."""
+
+
+def count_flops(model: nn.Module, forward: Callable[[], Tensor]) -> int:
+    """Floating-point operations of one forward + backward (``forward().sum().backward()``),
+    counted by ``torch.utils.flop_counter`` (matrix products and attention kernels)."""
+    model.zero_grad(set_to_none=True)
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        forward().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def time_train_step(model: nn.Module, forward: Callable[[], Tensor], device: torch.device) -> float:
     """Seconds for zero_grad + forward + sum + backward."""
     _sync(device)
@@ -206,6 +241,15 @@ def main() -> None:
         "ours": (ours, lambda: ours_step(ours, image)),
         "reference": (ref, lambda: reference_step(ref, query_tokens, image)),
     }
+    flops = {}
+    for name, (model, forward) in runs.items():
+        model.train()
+        flops[name] = count_flops(model, forward)
+    print(
+        f"FLOPs per forward+backward (train mode): ours {flops['ours'] / 1e9:.2f} G, reference "
+        f"{flops['reference'] / 1e9:.2f} G, ratio {flops['ours'] / flops['reference']:.3f} (the time ratio if "
+        "both ran their matrix products equally fast)"
+    )
     if args.compile:
         compiled = torch.compile(lambda features: ours_step(ours, features))
         for mode in args.modes.split(","):  # one graph per mode: compile both before timing
@@ -224,6 +268,10 @@ def main() -> None:
         print(f"\n[{mode} mode] forward+backward seconds per iteration ({args.iters} timed, {args.warmup} warm-up)")
         for name, values in times.items():
             print(f"  {name:14s} " + " ".join(f"{t:.3f}" for t in values) + f"  median {statistics.median(values):.3f}")
+        if mode == "train":
+            for name in ("ours", "reference"):
+                rate = flops[name] / statistics.median(times[name]) / 1e9
+                print(f"  {name:14s} achieved {rate:.1f} GFLOP/s (counted FLOPs / median time)")
         base = statistics.median(times["reference"])
         for name, values in times.items():
             if name != "reference":
