@@ -184,14 +184,14 @@ class VQA(Stage2):
         """
         if not self.question_to_qformer:
             return None
-        ids, mask = self.qformer_tokenizer(list(questions), self.device)
+        ids, mask = self.qformer_tokenizer(list(questions), torch.device("cpu"))  # checked on the host: no device sync
         vocab = self.model.qformer.word_embeddings.num_embeddings
         if int(ids.max()) >= vocab:
             raise ValueError(
                 f"tokenizer {self.qformer_tokenizer.name_or_path!r} gives id {int(ids.max())} but the Q-Former has "
                 f"vocab_size={vocab}"
             )
-        return ids, mask
+        return ids.to(self.device), mask.to(self.device)
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """LM loss of the most common human answer given image, question (LLM prompt) and, when

@@ -235,3 +235,10 @@ def test_predict_on_user_requests_feeds_questions_to_the_qformer() -> None:
     assert records[0]["llm_prompt"] == "Question: what color is the circle? Answer:"
     assert records[0]["output"] == task.answer(IMAGES[:1], ["what color is the circle?"])[0]
     assert records[1]["task"] == "caption" and isinstance(records[1]["output"], str)
+
+
+def test_question_ids_beyond_the_qformer_vocabulary_are_refused() -> None:
+    task = _task("t5")
+    task.model.qformer.word_embeddings = torch.nn.Embedding(100, 32)  # a Q-Former built for another tokenizer
+    with pytest.raises(ValueError, match=r"gives id \d+ but the Q-Former has vocab_size=100"):
+        task.qformer_question(["what is on the water"])
