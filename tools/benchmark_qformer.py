@@ -36,6 +36,7 @@ import torch.utils.flop_counter as flop_counter
 from torch import Tensor, nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run from a checkout
+from qformer_lightning.convert.hf import load_hf_state_dict  # noqa: E402
 from qformer_lightning.nn.qformer import QFormer  # noqa: E402
 
 
@@ -86,39 +87,12 @@ def build_ours(size: Size) -> QFormer:
     )
 
 
-def _copy_linear(dst: nn.Linear, *srcs: nn.Linear) -> None:
-    """dst <- rows of srcs stacked in order (fused projections are [q; k; v] / [k; v])."""
-    dst.weight.copy_(torch.cat([s.weight for s in srcs], dim=0))
-    dst.bias.copy_(torch.cat([s.bias for s in srcs], dim=0))
-
-
-def _copy_norm(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
-    dst.weight.copy_(src.weight)
-    dst.bias.copy_(src.bias)
-
-
 @torch.no_grad()
 def copy_weights(ours: QFormer, ref: nn.Module) -> None:
-    """Copy every query-pass weight of the transformers Q-Former into ours (fusing q/k/v and k/v)."""
-    if len(ours.layers) != len(ref.encoder.layer):
-        raise ValueError(f"layer counts differ: ours {len(ours.layers)}, reference {len(ref.encoder.layer)}")
-    _copy_norm(ours.embed_norm, ref.layernorm)
-    for mine, theirs in zip(ours.layers, ref.encoder.layer):
-        att = theirs.attention
-        _copy_linear(mine.self_attn.qkv_proj, att.attention.query, att.attention.key, att.attention.value)
-        _copy_linear(mine.self_attn.out_proj, att.output.dense)
-        _copy_norm(mine.self_attn.norm, att.output.LayerNorm)
-        if (mine.cross_attn is None) != (not theirs.has_cross_attention):
-            raise ValueError("cross-attention layouts differ")
-        if mine.cross_attn is not None:
-            cross = theirs.crossattention
-            _copy_linear(mine.cross_attn.q_proj, cross.attention.query)
-            _copy_linear(mine.cross_attn.kv_proj, cross.attention.key, cross.attention.value)
-            _copy_linear(mine.cross_attn.out_proj, cross.output.dense)
-            _copy_norm(mine.cross_attn.norm, cross.output.LayerNorm)
-        _copy_linear(mine.query_ffn.fc1, theirs.intermediate_query.dense)
-        _copy_linear(mine.query_ffn.fc2, theirs.output_query.dense)
-        _copy_norm(mine.query_ffn.norm, theirs.output_query.LayerNorm)
+    """Copy every weight of the transformers Q-Former into ours through the project's converter
+    (:func:`qformer_lightning.convert.hf.load_hf_state_dict`, strict: nothing missing but the
+    query tokens, which the reference does not own, nothing left over, shapes checked)."""
+    load_hf_state_dict(ours, ref.state_dict(), source="benchmark reference", strict=True)
 
 
 def ours_step(model: QFormer, image: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qformer_lightning.convert.hf import load_hf_state_dict
 from qformer_lightning.nn.attention import MultiHeadAttention, add_dropped, dropout_mask
 from qformer_lightning.nn.qformer import QFormer
 
@@ -132,39 +133,12 @@ def _hf_reference(size: dict):
     return ref
 
 
-@torch.no_grad()
-def _copy_from_hf(ours: QFormer, ref: nn.Module) -> None:
-    def linear(dst: nn.Linear, *srcs: nn.Linear) -> None:
-        dst.weight.copy_(torch.cat([s.weight for s in srcs]))
-        dst.bias.copy_(torch.cat([s.bias for s in srcs]))
-
-    def norm(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
-        dst.weight.copy_(src.weight)
-        dst.bias.copy_(src.bias)
-
-    norm(ours.embed_norm, ref.layernorm)
-    for mine, theirs in zip(ours.layers, ref.encoder.layer, strict=True):
-        a = theirs.attention
-        linear(mine.self_attn.qkv_proj, a.attention.query, a.attention.key, a.attention.value)
-        linear(mine.self_attn.out_proj, a.output.dense)
-        norm(mine.self_attn.norm, a.output.LayerNorm)
-        if mine.cross_attn is not None:
-            c = theirs.crossattention
-            linear(mine.cross_attn.q_proj, c.attention.query)
-            linear(mine.cross_attn.kv_proj, c.attention.key, c.attention.value)
-            linear(mine.cross_attn.out_proj, c.output.dense)
-            norm(mine.cross_attn.norm, c.output.LayerNorm)
-        linear(mine.query_ffn.fc1, theirs.intermediate_query.dense)
-        linear(mine.query_ffn.fc2, theirs.output_query.dense)
-        norm(mine.query_ffn.norm, theirs.output_query.LayerNorm)
-
-
 @pytest.mark.parametrize("image_tokens", [3, 40])  # 3: keys/values projected; 40: absorbed order
 def test_query_pass_matches_transformers_blip2_qformer(image_tokens: int) -> None:
     size = dict(num_layers=3, hidden_size=32, num_heads=2, intermediate_size=48, vision_width=24)
     ref = _hf_reference(size)
     ours = QFormer(**size, num_query_tokens=4, text_ffn=False).eval()
-    _copy_from_hf(ours, ref)
+    load_hf_state_dict(ours, ref.state_dict(), strict=True)  # the converter's fused q/k/v and k/v rules
     absorbed = ours.layers[0].cross_attn._absorbed_is_cheaper(4, image_tokens, size["vision_width"])
     assert absorbed == (image_tokens == 40)
     image = torch.randn(2, image_tokens, size["vision_width"], generator=torch.Generator().manual_seed(2))
