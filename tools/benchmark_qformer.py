@@ -140,6 +140,22 @@ def count_flops(model: nn.Module, forward: Callable[[], Tensor]) -> int:
     return counter.get_total_flops()
 
 
+def layer_runs(ours: QFormer, ref: nn.Module, image: Tensor, size: Size) -> dict[str, tuple[nn.Module, Callable[[], Tensor]]]:
+    """Forward functions of layer 0 (with cross-attention) and layer 1 (without) of both models on
+    the same query states (B, Q, D) that require grad, as inside the full pass."""
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(image.shape[0], size.num_query_tokens, size.hidden_size, generator=generator)
+    hidden = hidden.to(device=image.device, dtype=image.dtype).requires_grad_()
+    q = size.num_query_tokens
+    theirs = ref.encoder.layer
+    return {
+        "ours cross": (ours.layers[0], lambda: ours.layers[0](hidden, q, None, image)[0]),
+        "reference cross": (theirs[0], lambda: theirs[0](hidden, encoder_hidden_states=image, query_length=q)),
+        "ours plain": (ours.layers[1], lambda: ours.layers[1](hidden, q, None, None)[0]),
+        "reference plain": (theirs[1], lambda: theirs[1](hidden, query_length=q)),
+    }
+
+
 def time_train_step(model: nn.Module, forward: Callable[[], Tensor], device: torch.device) -> float:
     """Seconds for zero_grad + forward + sum + backward."""
     _sync(device)
@@ -179,6 +195,11 @@ def main() -> None:
         help="max abs output difference allowed (default: 1e-4 for fp32, 0.2 for 16-bit types)",
     )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="also time one layer with cross-attention and one without, of each (train mode)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -254,6 +275,17 @@ def main() -> None:
                     f"  {name} / reference: ratio of medians {statistics.median(values) / base:.3f}, "
                     f"median of per-round ratios {statistics.median(pairs):.3f}"
                 )
+
+    if args.per_layer:
+        runs = layer_runs(ours, ref, image, size)
+        for model, _ in runs.values():
+            model.train()
+        times = alternate(runs, args.warmup, args.iters, device)
+        print(f"\n[train mode, one layer] forward+backward milliseconds ({args.iters} timed, {args.warmup} warm-up)")
+        for kind in ("cross", "plain"):
+            mine, theirs = statistics.median(times[f"ours {kind}"]), statistics.median(times[f"reference {kind}"])
+            label = "with cross-attention" if kind == "cross" else "without cross-attention"
+            print(f"  layer {label:24s} ours {1e3 * mine:7.1f}  reference {1e3 * theirs:7.1f}  ratio {mine / theirs:.3f}")
 
 
 if __name__ == "__main__":

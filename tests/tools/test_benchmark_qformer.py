@@ -111,3 +111,18 @@ def test_cpu_attention_kernels_are_counted(models) -> None:
     )
     counted = bq.count_flops(ref, lambda: bq.reference_step(ref, ours.query_tokens, image))
     assert counted == expected
+
+
+def test_per_layer_runs_compare_the_same_layers(models) -> None:
+    """--per-layer times layer 0 (cross-attention) and layer 1 (none) of each on the same input."""
+    ours, ref, image = models
+    runs = bq.layer_runs(ours, ref, image, TINY)
+    assert runs["ours cross"][0] is ours.layers[0] and ours.layers[0].cross_attn is not None
+    assert runs["ours plain"][0] is ours.layers[1] and ours.layers[1].cross_attn is None
+    for model, _ in runs.values():
+        model.eval()
+    with torch.no_grad():
+        for kind in ("cross", "plain"):
+            mine, theirs = runs[f"ours {kind}"][1](), runs[f"reference {kind}"][1]()
+            assert mine.shape == (BATCH, TINY.num_query_tokens, TINY.hidden_size)
+            assert (mine - theirs).abs().max().item() <= 1e-5, kind
