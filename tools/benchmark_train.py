@@ -370,14 +370,13 @@ def build_task(
 
 
 def apply_compile(task: Blip2Task) -> None:
-    """``torch.compile`` the ViT blocks, the Q-Former layers and the LLM, in place."""
-    for block in task.model.vision.vit.blocks:
-        block.compile()
-    for layer in task.model.qformer.layers:
-        layer.compile()
-    llm = getattr(task.model, "llm", None)
-    if llm is not None:
-        llm.model.compile()
+    """``torch.compile`` every ViT block, Q-Former layer and LLM layer in place, as the
+    :class:`~qformer_lightning.callbacks.CompileBlocks` callback does in training."""
+    from qformer_lightning.callbacks.compile import TARGETS, compile_blocks
+    from qformer_lightning.scale.fsdp import DEFAULT_BLOCKS, import_classes
+
+    targets = tuple(t for t in TARGETS if isinstance(getattr(task.model, t, None), nn.Module))
+    compile_blocks(task.model, targets, import_classes(list(DEFAULT_BLOCKS)))
 
 
 # ---------------------------------------------------------------------------- batches and steps

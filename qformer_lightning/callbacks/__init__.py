@@ -1,6 +1,7 @@
-"""Lightning callbacks: the JSONL prediction writer and the TensorBoard views of the model."""
+"""Lightning callbacks: the JSONL prediction writer, the TensorBoard views of the model, block-wise torch.compile."""
 
+from qformer_lightning.callbacks.compile import CompileBlocks
 from qformer_lightning.callbacks.prediction_writer import JsonlPredictionWriter
 from qformer_lightning.callbacks.tensorboard import GradNormMonitor, ValidationExamples
 
-__all__ = ["GradNormMonitor", "JsonlPredictionWriter", "ValidationExamples"]
+__all__ = ["CompileBlocks", "GradNormMonitor", "JsonlPredictionWriter", "ValidationExamples"]
