@@ -84,6 +84,7 @@ class Caption(Stage2):
         max_new_tokens: at most this many generated tokens (paper: 30).
         min_new_tokens: at least this many (paper: 8).
         length_penalty: beam-search length penalty.
+        repetition_penalty: see :class:`~qformer_lightning.tasks.stage2.Stage2` (1.0: off).
         references: per split (``val``/``test``), a COCO-format annotation JSON of the reference
             captions; a split not listed takes them from the data module's evaluation dataset.
         results_dir: where the COCO results JSON of each evaluation goes (default: the logger's
@@ -106,6 +107,7 @@ class Caption(Stage2):
         max_new_tokens: int = 30,
         min_new_tokens: int = 8,
         length_penalty: float = 1.0,
+        repetition_penalty: float = 1.0,
         references: dict[str, str] | None = None,
         results_dir: str | None = None,
         use_spice: bool | None = None,
@@ -130,6 +132,7 @@ class Caption(Stage2):
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
             frozen=["model.llm"] if frozen is None else frozen,
             optim=optim if optim is not None else caption_finetune_optim(),
             nonfinite=nonfinite,

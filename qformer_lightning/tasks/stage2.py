@@ -83,6 +83,8 @@ class Stage2(Blip2Task):
         max_new_tokens: generation length limit.
         min_new_tokens: minimum generated tokens.
         length_penalty: beam-search length penalty (exponent of the length normaliser).
+        repetition_penalty: divides the scores of tokens already generated (1.0: off, as in the
+            paper; LAVIS exposes the same knob).
         frozen: module prefixes to freeze (default: the ViT and the LLM).
         optim: optimiser/schedule (default: the paper's stage-2 settings: peak 1e-4, cosine to
             5e-5, 2k warmup steps; steps come from the config).
@@ -101,12 +103,15 @@ class Stage2(Blip2Task):
         max_new_tokens: int = 30,
         min_new_tokens: int = 1,
         length_penalty: float = 1.0,
+        repetition_penalty: float = 1.0,
         frozen: list[str] | None = None,
         optim: Optimization | None = None,
         nonfinite: NonFinitePolicy = "stop",
         store_frozen: bool | None = None,
         frozen_dtype: FrozenDtype | None = None,
     ) -> None:
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}")
         super().__init__(
             frozen=["model.vision.vit", "model.llm"] if frozen is None else frozen,
             optim=optim if optim is not None else Optimization(lr=1e-4, min_lr=5e-5, warmup_steps=2000),
@@ -123,7 +128,11 @@ class Stage2(Blip2Task):
         self.seed = seed
         self.pretrained = pretrained
         self.generation = dict(
-            num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
         )
         self.apply_freezing()
 

@@ -114,6 +114,7 @@ class VQA(Stage2):
         max_new_tokens: answer length limit.
         min_new_tokens: minimum answer length.
         length_penalty: beam length penalty (paper: -1, favouring short answers).
+        repetition_penalty: see :class:`~qformer_lightning.tasks.stage2.Stage2` (1.0: off).
         results_dir: where the results JSON goes (default: the logger's directory + ``results``).
         frozen: module prefixes to freeze (default: the LLM only; zero-shot configs list the ViT too).
         optim: default :func:`vqa_finetune_optim`.
@@ -132,6 +133,7 @@ class VQA(Stage2):
         max_new_tokens: int = 10,
         min_new_tokens: int = 1,
         length_penalty: float = -1.0,
+        repetition_penalty: float = 1.0,
         results_dir: str | None = None,
         frozen: list[str] | None = None,
         optim: Optimization | None = None,
@@ -159,6 +161,7 @@ class VQA(Stage2):
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty,
             frozen=["model.llm"] if frozen is None else frozen,
             optim=optim if optim is not None else vqa_finetune_optim(),
             nonfinite=nonfinite,

@@ -41,7 +41,7 @@ def _trainer(tmp_path, **kwargs) -> pl.Trainer:
 def test_paper_defaults() -> None:
     task = Caption(tiny_model("opt"))
     assert task.prompt == "a photo of"
-    assert task.generation == dict(num_beams=5, max_new_tokens=30, min_new_tokens=8, length_penalty=1.0)
+    assert task.generation == dict(num_beams=5, max_new_tokens=30, min_new_tokens=8, length_penalty=1.0, repetition_penalty=1.0)
     assert task.frozen == ["model.llm"] and not task.model.vision.frozen
     assert (task.optim.lr, task.optim.layer_decay, task.optim.min_lr) == (1e-5, 0.95, 0.0)
 
@@ -91,6 +91,21 @@ def test_generation_is_deterministic_and_uses_the_prompt(monkeypatch) -> None:
     ids = task.model.generate(images, ["a photo of"] * 3, num_beams=3, max_new_tokens=5, min_new_tokens=2)
     assert seen["prompts"] == ["a photo of"] * 3
     assert all((row != task.model.llm.pad_token_id).sum() >= 2 for row in ids)  # min_new_tokens honoured
+
+
+def test_repetition_penalty_reaches_generation() -> None:
+    """Greedy captions of a random tiny OPT repeat tokens; a large repetition penalty rules that out."""
+    images = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    captions = {}
+    for penalty in (1.0, 1000.0):
+        task = Caption(tiny_model("opt"), num_beams=1, max_new_tokens=12, min_new_tokens=12, repetition_penalty=penalty).eval()
+        task.configure_model()
+        ids = task.model.generate(images, ["a photo of"] * 4, **task.generation)
+        captions[penalty] = [row[row != task.model.llm.pad_token_id].tolist() for row in ids]
+    assert any(len(set(row)) < len(row) for row in captions[1.0])  # repeats without the penalty
+    assert all(len(set(row)) == len(row) for row in captions[1000.0])
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        Caption(tiny_model("opt"), repetition_penalty=0.0)
 
 
 def _one_step(task: Caption) -> dict[str, torch.Tensor]:

@@ -64,7 +64,7 @@ def test_caption_finetune_config(name: str) -> None:
     _check_llm(task, name)
     assert task.pretrained == LLMS[_llm_key(name)][1]
     assert task.prompt == "a photo of"
-    assert task.generation == dict(num_beams=5, max_new_tokens=30, min_new_tokens=8, length_penalty=1.0)
+    assert task.generation == dict(num_beams=5, max_new_tokens=30, min_new_tokens=8, length_penalty=1.0, repetition_penalty=1.0)
     assert task.frozen == ["model.llm"]
     vision = task.model.vision
     assert not vision.frozen and vision.vit.grad_checkpointing and vision.image_size == 364
@@ -83,7 +83,7 @@ def test_nocaps_zero_shot_config(name: str) -> None:
     assert isinstance(task, Caption)
     _check_llm(task, name)
     assert task.pretrained == LLMS[_llm_key(name)][1] + "-coco"  # the COCO-finetuned captioner
-    assert task.generation == dict(num_beams=5, max_new_tokens=30, min_new_tokens=8, length_penalty=1.0)
+    assert task.generation == dict(num_beams=5, max_new_tokens=30, min_new_tokens=8, length_penalty=1.0, repetition_penalty=1.0)
     assert task.model.vision.frozen and task.model.vision.image_size == 364
     assert "nocaps" in cli.datamodule.splits["test"].annotations and cli.datamodule.splits["train"] is None
 
@@ -98,7 +98,7 @@ def test_vqav2_finetune_config(name: str) -> None:
     assert task.prompt == LLMS[_llm_key(name)][3]
     assert task.question_to_qformer and task.model.qformer.has_text
     assert task.qformer_tokenizer.name_or_path == "bert-base-uncased"
-    assert task.generation == dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+    assert task.generation == dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0, repetition_penalty=1.0)
     vision = task.model.vision
     assert not vision.frozen and vision.vit.grad_checkpointing and vision.image_size == 490
     opt = task.optim
@@ -117,7 +117,7 @@ def test_zero_shot_vqa_config(name: str) -> None:
     assert task.pretrained == LLMS[_llm_key(name)][1]
     assert task.prompt == LLMS[_llm_key(name)][3]
     assert not task.question_to_qformer and not task.model.qformer.has_text
-    assert task.generation == dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+    assert task.generation == dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0, repetition_penalty=1.0)
     assert task.frozen == ["model.vision.vit", "model.llm"] and task.model.vision.image_size == 224
     test = cli.datamodule.files["test"][0]
     assert test.format == ("gqa" if "gqa" in name else "vqav2")

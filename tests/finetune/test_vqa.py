@@ -36,7 +36,7 @@ def _trainer(tmp_path, **kwargs) -> pl.Trainer:
 def test_paper_defaults_and_validation() -> None:
     task = VQA(tiny_model("t5", text_ffn=True), tokenizer=BERT)
     assert task.prompt == "Question: {} Short answer:" and task.question_to_qformer
-    assert task.generation == dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+    assert task.generation == dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0, repetition_penalty=1.0)
     assert task.llm_prompts(["what is it?"]) == ["Question: what is it? Short answer:"]
     assert OPT_VQA_PROMPT == "Question: {} Answer:"
     with pytest.raises(ValueError, match="text_ffn"):
