@@ -36,7 +36,10 @@ def figures(text: str) -> dict[str, float]:
     return found
 
 
-@pytest.mark.parametrize("args", [["--stage", "1"], ["--stage", "2", "--llm", "opt2.7b"], ["--stage", "2", "--llm", "flant5xl"]])
+@pytest.mark.parametrize("args", [
+    ["--stage", "1"], ["--stage", "2", "--llm", "opt2.7b"], ["--stage", "2", "--llm", "flant5xl"],
+    ["--stage", "1", "--precision", "bf16-mixed"], ["--stage", "2", "--llm", "flant5xl", "--precision", "bf16-mixed"],
+])  # bf16-mixed: the GPU default, here on CPU autocast
 def test_tiny_run_prints_figures(args: list[str], capsys: pytest.CaptureFixture) -> None:
     result = bt.main([*args, "--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "4"])
     out = capsys.readouterr().out
@@ -47,6 +50,7 @@ def test_tiny_run_prints_figures(args: list[str], capsys: pytest.CaptureFixture)
     assert got["samples_per_s"] == pytest.approx(4 / got["median_step"], rel=1e-2)
     assert got["tflops"] * 1e12 == pytest.approx(result.flops_per_step, rel=1e-5)
     assert "MFU: n/a" in out  # CPU without --peak-tflops
+    assert ("precision bf16-mixed" in result.name) == ("bf16-mixed" in args)
     assert result.trainable_params > 0 and result.frozen_params > 0
 
 
