@@ -8,12 +8,17 @@ files left by a killed save are removed by the next save to the same path.
 
 Remote paths (``s3://``, ``gs://``, ...) go through Lightning's own writer: object stores publish
 an object only once its upload completes.
+
+Sharded checkpoints (FSDP, FSDP2) are directories that the strategy writes itself, never through a
+``CheckpointIO``: :func:`swap_in` and :func:`recover_interrupted_swap` give them the same guarantee
+(used by :mod:`qformer_lightning.scale.strategies`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +62,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in stale_temporaries(path):
         if stale.name != f".{path.name}{TMP_INFIX}{os.getpid()}":
-            stale.unlink(missing_ok=True)
+            _remove(stale)  # a directory too, left by a sharded save to the same name
             log.info("removed %s, left by an interrupted checkpoint save", stale)
     tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
     try:
@@ -91,3 +96,64 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, path)
+
+
+# ---------------------------------------------------------------------------- checkpoint directories
+# FSDP's sharded checkpoints are directories (one file per rank + metadata) written by the strategy,
+# not by a CheckpointIO. They are made atomic the same way: written whole beside the target, then
+# swapped in by renames (see qformer_lightning.scale.strategies).
+
+OLD_INFIX = ".old-"
+"""While a directory is swapped in, the previous one is parked at ``.{target name}{OLD_INFIX}{token}``."""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def parked_previous(path: Path) -> list[Path]:
+    """Previous checkpoints parked next to ``path`` by swaps that never finished."""
+    return sorted(path.parent.glob(f".{path.name}{OLD_INFIX}*"))
+
+
+def directory_temporary(path: Path, token: str) -> Path:
+    """Where a new checkpoint directory for ``path`` is written before the swap."""
+    return path.with_name(f".{path.name}{TMP_INFIX}{token}")
+
+
+def recover_interrupted_swap(path: Path) -> None:
+    """Put back the previous checkpoint if a swap died between its two renames (``path`` missing,
+    the previous one parked); then remove temporaries and parked copies left by interrupted saves."""
+    parked = parked_previous(path)
+    if not path.exists() and parked:
+        os.replace(parked[-1], path)
+        log.warning("restored %s from %s, left by a checkpoint save interrupted mid-swap", path, parked[-1].name)
+        parked = parked[:-1]
+    for stale in [*parked, *stale_temporaries(path)]:
+        _remove(stale)
+        log.info("removed %s, left by an interrupted checkpoint save", stale)
+
+
+def swap_in(tmp: Path, path: Path, token: str) -> None:
+    """Replace ``path`` (a file, a directory or nothing) by the complete directory ``tmp``.
+
+    The previous checkpoint is renamed aside, ``tmp`` renamed to ``path``, then the previous one
+    removed: at every instant either ``path`` or its parked copy is a complete checkpoint
+    (:func:`recover_interrupted_swap` puts the parked copy back after a crash between the renames).
+    """
+    old = path.with_name(f".{path.name}{OLD_INFIX}{token}")
+    meta = [f for f in tmp.iterdir() if f.is_file()]
+    for f in meta:  # other ranks' shard files are flushed by torch.distributed.checkpoint itself
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    had_previous = path.exists() or path.is_symlink()
+    if had_previous:
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if had_previous:
+        _remove(old)

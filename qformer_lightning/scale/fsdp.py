@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import nn
 
 DEFAULT_BLOCKS = (
@@ -26,6 +27,12 @@ DEFAULT_BLOCKS = (
     "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
 )
 DEFAULT_LLM_BLOCKS = DEFAULT_BLOCKS[3:]
+UNIT_FORWARD_METHODS = ("forward_features",)
+"""Methods that run a unit instead of its ``forward`` (the vision encoder calls timm's
+``vit.forward_features``): FSDP gathers the unit's parameters around them too."""
+ROOT_FORWARD_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+"""Lightning calls these on the task, never its ``forward``: the root unit (the task) gathers its
+parameters around them."""
 
 
 def import_classes(paths: list[str] | tuple[str, ...]) -> tuple[type[nn.Module], ...]:
@@ -45,7 +52,15 @@ def import_classes(paths: list[str] | tuple[str, ...]) -> tuple[type[nn.Module],
 
 
 def is_frozen_container(module: nn.Module) -> bool:
-    """A module all of whose parameters are frozen and that holds blocks (the ViT, the LLM)."""
+    """A module with a ``forward`` of its own, all of whose parameters are frozen and that holds
+    several children (the ViT, the LLM).
+
+    Containers without a ``forward`` (``nn.ModuleList``, ``nn.ModuleDict``) are never units: FSDP
+    gathers a unit's parameters in its forward, and theirs is never called (FSDP2's
+    ``fully_shard`` refuses them; FSDP1 would leave their parameters sharded in the forward).
+    """
+    if type(module).forward is nn.Module.forward:
+        return False
     params = list(module.parameters())
     return bool(params) and not any(p.requires_grad for p in params) and len(list(module.children())) > 1
 
@@ -99,6 +114,10 @@ def wrap_units(model: nn.Module, policy: Blip2WrapPolicy) -> list[nn.Module]:
 def apply_fully_shard(model: nn.Module, device_mesh, policy: Blip2WrapPolicy | None = None, mp_dtype=None) -> None:
     """FSDP2: ``fully_shard`` every unit of the policy (children first), then the root.
 
+    Scalar parameters (stage 1's ITC temperature ``temp``) cannot be sharded (``fully_shard``
+    refuses 0-dim parameters): they stay whole on every rank, outside FSDP, and their gradients
+    are averaged over the data-parallel ranks by :func:`average_gradients_over` (as DDP would).
+
     Args:
         model: the task's module.
         device_mesh: Lightning's mesh (``self.device_mesh`` under ModelParallelStrategy); the
@@ -106,12 +125,66 @@ def apply_fully_shard(model: nn.Module, device_mesh, policy: Blip2WrapPolicy | N
         policy: which modules are units (default :class:`Blip2WrapPolicy`).
         mp_dtype: parameter dtype for mixed precision (e.g. ``torch.bfloat16``), or None.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
-    kwargs = {"mesh": mesh}
+    scalars = set(scalar_parameters(model))
+    kwargs = {"mesh": mesh, "ignored_params": scalars}
     if mp_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=mp_dtype)
     for unit in wrap_units(model, policy or Blip2WrapPolicy()):
         fully_shard(unit, **kwargs)
+        for method in UNIT_FORWARD_METHODS:
+            if hasattr(unit, method):
+                register_fsdp_forward_method(unit, method)
     fully_shard(model, **kwargs)
+    for method in ROOT_FORWARD_METHODS:
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    average_gradients_over([p for p in scalars if p.requires_grad], mesh.get_group())
+
+
+def scalar_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The 0-dim parameters of ``model`` (FSDP1 and FSDP2 cannot shard them)."""
+    return [p for p in model.parameters() if p.dim() == 0]
+
+
+def route_through_forward(wrapper: nn.Module, method: str) -> None:
+    """FSDP1: make ``wrapper.<method>(...)`` run the wrapped module's ``method`` inside the
+    wrapper's ``forward``, where FSDP gathers the unit's parameters (FSDP1 has no
+    ``register_fsdp_forward_method``; called directly, the method would see sharded parameters).
+
+    Args:
+        wrapper: a ``FullyShardedDataParallel`` unit; its ``module`` has ``method``.
+        method: e.g. ``"forward_features"``.
+    """
+    inner = wrapper.module
+    target = getattr(inner, method)
+
+    def call(*args, **kwargs):
+        inner.forward = target  # shadows the class's forward for this one call
+        try:
+            return wrapper(*args, **kwargs)
+        finally:
+            del inner.forward
+
+    setattr(wrapper, method, call)
+
+
+def average_gradients_over(params: list[nn.Parameter], group: "torch.distributed.ProcessGroup | None") -> None:
+    """Average each parameter's gradient over the ranks of ``group`` as soon as it is accumulated.
+
+    For parameters kept outside FSDP. Under gradient accumulation the hook runs after every
+    micro-batch; the part already averaged is equal on all ranks, so averaging it again leaves
+    it unchanged and the result is the average of the summed micro-batch gradients.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+
+    def average(param: nn.Parameter) -> None:
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=group)
+        param.grad.div_(world)
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(average)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 NonFinitePolicy = Literal["skip", "stop"]
 FrozenDtype = Literal["bf16", "fp16"]
+
+
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+"""Name segments that FSDP1 and activation checkpointing insert into ``named_parameters`` (not into state dicts)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -152,15 +157,20 @@ class Blip2Task(pl.LightningModule):
         self._model_configured = True
         self.load_initial_weights()
         self.apply_freezing()
-        if self.frozen_dtype is not None:
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.frozen_dtype]
-            for module in self.frozen_modules():
-                module.to(dtype)
+        self.cast_frozen()
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None:
             from qformer_lightning.scale.fsdp import apply_fully_shard
 
             apply_fully_shard(self, mesh)
+
+    def cast_frozen(self) -> None:
+        """Cast the frozen modules to ``frozen_dtype`` (no-op without one). FSDP1 calls it again after
+        Lightning's precision plugin has converted the whole module (``32-true`` makes it fp32)."""
+        if self.frozen_dtype is not None:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.frozen_dtype]
+            for module in self.frozen_modules():
+                module.to(dtype)
 
     # ------------------------------------------------------------------ optimisation
     def vision_encoder(self) -> TimmVisionEncoder | None:
@@ -263,24 +273,37 @@ class Blip2Task(pl.LightningModule):
         encoder = self.vision_encoder()
         return encoder is not None and encoder.has_weight_source
 
-    def _dropped_keys(self) -> list[str]:
+    def _dropped_keys(self, state_names: Iterable[str] | None = None) -> list[str]:
+        """The frozen state-dict keys left out of checkpoints, among ``state_names`` (default: this
+        module's ``state_dict()``; under FSDP pass the keys of the strategy's state dict: FSDP1
+        gathers parameters for a ``state_dict()`` of an inner module)."""
         store = self.store_frozen if self.store_frozen is not None else not self.frozen_weights_have_source()
         if store:
             return []
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        state_names = self.state_dict().keys()
+        trainable = {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
+        names = self.state_dict().keys() if state_names is None else state_names
         dropped = []
         for prefix in self.frozen:
-            dropped += [k for k in state_names if k.startswith(prefix + ".") and k not in trainable]
+            dropped += [k for k in names if k.startswith(prefix + ".") and k not in trainable]
         return dropped
 
+    def task_class(self) -> type:
+        """The task's class as written, not FSDP2's: ``fully_shard`` swaps the class of the task (the
+        root unit) for a generated ``FSDP<Task>`` subclass."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return next(c for c in type(self).__mro__ if not issubclass(c, FSDPModule))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop frozen weights that have a source; store the task name, the config and the counters."""
-        dropped = set(self._dropped_keys())
+        """Drop frozen weights that have a source; store the task name, the config and the counters.
+
+        The state dict may be sharded (FSDP1 sharded tensors, FSDP2 DTensors): only its keys are read.
+        """
+        dropped = set(self._dropped_keys(checkpoint["state_dict"].keys()))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in dropped}
         checkpoint["qformer_lightning"] = {
-            "task": type(self).__qualname__,
-            "task_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "task": self.task_class().__qualname__,
+            "task_class": f"{self.task_class().__module__}.{self.task_class().__qualname__}",
             "dropped_frozen_keys": sorted(dropped),
             "config": self.run_config,
             "num_skipped_steps": self.num_skipped_steps,
@@ -288,24 +311,45 @@ class Blip2Task(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another task's checkpoint; check the stored keys; restore the counters.
+
+        Under ``qformer_lightning.scale.strategies`` (FSDP, FSDP2) the strategy has loaded and
+        checked the tensors itself before this hook (the checkpoint then carries its report and no
+        ``state_dict``).
+        """
+        from qformer_lightning.scale.strategies import LOAD_REPORT
+
         meta = checkpoint.get("qformer_lightning")
         if meta is None:
             raise ValueError("this checkpoint was not written by qformer_lightning (no 'qformer_lightning' entry)")
-        if meta["task"] != type(self).__qualname__:
+        task = self.task_class()
+        if meta["task"] != task.__qualname__:
             raise ValueError(
                 f"checkpoint was written by task {meta.get('task_class', meta['task'])}, but this run's task is "
-                f"{type(self).__module__}.{type(self).__qualname__}: a checkpoint resumes only its own task. To "
+                f"{task.__module__}.{task.__qualname__}: a checkpoint resumes only its own task. To "
                 "start from another stage's weights use the task's `pretrained` option (it reports what is loaded and left)"
             )
+        if LOAD_REPORT not in checkpoint:
+            self._check_state_dict(checkpoint["state_dict"], set(meta["dropped_frozen_keys"]))
+        self.strict_loading = False  # the dropped frozen weights come from their source
+        self.num_skipped_steps = int(meta.get("num_skipped_steps", 0))
+        self._replaced_total = int(meta.get("replaced_total", 0))
+
+    def _check_state_dict(self, state: dict[str, Any], dropped: set[str]) -> None:
+        """Raise unless ``state`` holds every key of this module (but ``dropped``), no other, same shapes."""
         own = self.state_dict()
-        state = checkpoint["state_dict"]
-        missing = [k for k in own if k not in state and k not in set(meta["dropped_frozen_keys"])]
+        missing = [k for k in own if k not in state and k not in dropped]
         unexpected = [k for k in state if k not in own]
         shape = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
         if missing or unexpected or shape:
             raise ValueError(
                 f"checkpoint does not fit this model: missing {missing[:20]}, unexpected {unexpected[:20]}, shape mismatch {shape[:20]}"
             )
-        self.strict_loading = False  # the dropped frozen weights come from their source
-        self.num_skipped_steps = int(meta.get("num_skipped_steps", 0))
-        self._replaced_total = int(meta.get("replaced_total", 0))
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without FSDP1's and activation checkpointing's wrapper segments (the
+    state-dict name)."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
