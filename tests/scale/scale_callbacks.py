@@ -50,15 +50,37 @@ class SignalAt(Callback):
 class StepRecord(Callback):
     """Per optimizer step (rank 0): the averaged gradients of step ``grad_step`` and the trainable
     parameters at the end (``{path}/grads.pt``, ``{path}/params.pt``) and the callback metrics
-    after each validation (``{path}/val.jsonl``)."""
+    after each validation (``{path}/val.jsonl``).
 
-    def __init__(self, path: str, grad_step: int = 0) -> None:
-        self.path, self.grad_step = Path(path), grad_step
+    With ``state=True`` also the optimizer state at the end (``optim.pt``) and, when training
+    starts (after a checkpoint restore), the parameters and optimizer state it starts from
+    (``start_params.pt``, ``start_optim.pt``). ``param_steps``: also the parameters after those
+    optimizer steps (``params_step{k}.pt``).
+
+    Sharded runs are recorded whole (every rank takes part in the gathering): FSDP2's DTensors
+    through ``full_tensor()``, FSDP1's flat parameters through ``summon_full_params``.
+    """
+
+    def __init__(self, path: str, grad_step: int = 0, state: bool = False, param_steps: list[int] | None = None) -> None:
+        self.path, self.grad_step, self.state = Path(path), grad_step, state
+        self.param_steps = list(param_steps or [])
+
+    def _save(self, trainer: pl.Trainer, value: Any, name: str) -> None:
+        if trainer.is_global_zero:
+            torch.save(value, self.path / name)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.state:
+            self._save(trainer, full_trainable(trainer, pl_module), "start_params.pt")
+            self._save(trainer, full_optimizer_state(trainer), "start_optim.pt")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if trainer.global_step == self.grad_step and trainer.is_global_zero:
-            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
-            torch.save(grads, self.path / "grads.pt")
+        if trainer.global_step == self.grad_step:
+            self._save(trainer, full_trainable(trainer, pl_module, grads=True), "grads.pt")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step in self.param_steps:
+            self._save(trainer, full_trainable(trainer, pl_module), f"params_step{trainer.global_step}.pt")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
@@ -67,9 +89,122 @@ class StepRecord(Callback):
                 f.write(json.dumps({"step": trainer.global_step, **metrics}) + "\n")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            params = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
-            torch.save(params, self.path / "params.pt")
+        self._save(trainer, full_trainable(trainer, pl_module), "params.pt")
+        if self.state:
+            self._save(trainer, full_optimizer_state(trainer), "optim.pt")
+
+
+def full_trainable(trainer: pl.Trainer, pl_module: pl.LightningModule, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Whole copies of the trainable parameters (or of their gradients, where there is one), by
+    their unwrapped names. Collective under FSDP/FSDP2: every rank must call it."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.tensor import DTensor
+
+    from qformer_lightning.tasks.base import unwrapped_name
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+    def collect() -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in pl_module.named_parameters():
+            value = p.grad if grads else p
+            if p.requires_grad and value is not None:
+                out[unwrapped_name(name)] = whole(value)
+        return out
+
+    root = trainer.strategy.model
+    if isinstance(root, FSDP):
+        with FSDP.summon_full_params(root, writeback=False, with_grads=grads):
+            return collect()
+    return collect()
+
+
+def full_optimizer_state(trainer: pl.Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer's state per parameter name, whole (collective under FSDP/FSDP2); ``{}`` before the
+    first step (torch's ``get_optimizer_state_dict`` would initialise an empty state with a step)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    # FSDP2's root unit keeps its gathered parameters after a forward without backward (validation);
+    # the optimizer holds the sharded ones (a model state_dict() would reshard too, as Lightning's saves do)
+    for module in trainer.strategy.model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    optimizer = trainer.optimizers[0]
+    if not optimizer.state:
+        return {}
+    state = get_optimizer_state_dict(trainer.strategy.model, optimizer, options=StateDictOptions(full_state_dict=True))
+    return {name: {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in entry.items()}
+            for name, entry in state["state"].items()}
+
+
+class ShardingRecord(Callback):
+    """When training starts (rank 0), what FSDP made of the model, as ``{path}/units.json``.
+
+    ``units``: every FSDP unit (FSDP1 ``FullyShardedDataParallel`` or FSDP2 ``FSDPModule``) by its
+    unwrapped module name (``""`` the root), with the parameters it manages (those no inner unit
+    manages): names, ``requires_grad``, dtypes and whether each is sharded (an FSDP2 DTensor; FSDP1
+    flat-parameter views). ``left_out``: parameters kept whole outside FSDP. ``checkpointed``:
+    modules under activation checkpointing.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+
+        from qformer_lightning.tasks.base import unwrapped_name
+
+        root = trainer.strategy.model
+        named = list(root.named_modules())
+        left_out = {id(p) for m in named if isinstance(m[1], FullyShardedDataParallel) for p in m[1]._ignored_params}
+        left_out |= {id(p) for p in root.parameters() if isinstance(root, FSDPModule) and not isinstance(p, DTensor)}
+        owned: set[int] = set(left_out)
+        units = []
+        for name, unit in reversed(named):  # pre-order reversed: inner units first
+            if not isinstance(unit, (FSDPModule, FullyShardedDataParallel)):
+                continue
+            params = [(n, p) for n, p in unit.named_parameters() if id(p) not in owned]
+            owned |= {id(p) for _, p in params}
+            units.append({
+                "name": unwrapped_name(name + ".").rstrip(".") if name else "",
+                "class": type(unit).__name__,
+                "params": [unwrapped_name(f"{name}.{n}" if name else n) for n, _ in params],
+                "requires_grad": sorted({p.requires_grad for _, p in params}),
+                "dtypes": sorted({str(p.dtype) for _, p in params}),
+                "sharded": sorted({isinstance(p, DTensor) or isinstance(unit, FullyShardedDataParallel) for _, p in params}),
+            })
+        record = {
+            "units": units,
+            "left_out": [unwrapped_name(n) for n, p in pl_module.named_parameters() if id(p) in left_out],
+            "checkpointed": [unwrapped_name(n + ".").rstrip(".") for n, m in pl_module.named_modules() if isinstance(m, CheckpointWrapper)],
+        }
+        (self.path / "units.json").write_text(json.dumps(record, indent=1))
+
+
+class SaveFullCopy(Callback):
+    """After each validation (all ranks): also save the checkpoint as one full file at ``path``, from a
+    sharding strategy of ``qformer_lightning.scale.strategies`` set to write sharded checkpoints."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        attribute, full = ("_state_dict_type", "full") if hasattr(strategy, "_state_dict_type") else ("_save_distributed_checkpoint", False)
+        sharded = getattr(strategy, attribute)
+        setattr(strategy, attribute, full)
+        try:
+            trainer.save_checkpoint(self.path)
+        finally:
+            setattr(strategy, attribute, sharded)
 
 
 class HardestNegatives(Callback):
@@ -149,3 +284,4 @@ class GlobalBatchData(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.num_val, self.seed + 1)
+
