@@ -13,16 +13,60 @@ the resolved config of the run (``checkpoint["qformer_lightning"]["config"]``).
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qformer_lightning.errors import check_checkpoint_task
 from qformer_lightning.scale.checkpointing import AtomicCheckpointIO
 from qformer_lightning.scale.signals import PreemptionCheckpoint
 from qformer_lightning.tasks.base import Blip2Task
+
+log = logging.getLogger(__name__)
+NULL_WORDS = ("null", "None", "~")
+"""What YAML (and so jsonargparse) reads as ``None`` on the command line."""
+
+
+def null_overrides(args: list[str]) -> list[str]:
+    """The option keys set to null on the command line (``--key=null`` or ``--key null``)."""
+    keys = []
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if value in NULL_WORDS:
+            keys.append(key)
+    return keys
+
+
+def restore_nulls(config, keys: list[str], prefix: str = "") -> list[str]:
+    """Set back to ``None`` the ``keys`` that the parser turned into the string ``"None"``.
+
+    jsonargparse (4.53) reads ``--model.init_args.model.init_args.llm.init_args.gguf_file=null`` (an
+    option of a class nested inside another class's ``init_args``) as the string ``"None"``, where
+    one level up (``--model.init_args.pretrained=null``) gives ``None``. A null the user asked for is
+    never meant as that string.
+
+    Returns:
+        the keys that were set back.
+    """
+    fixed = []
+    for key in keys:
+        path = f"{prefix}{key}"
+        try:
+            value = config[path]
+        except KeyError:
+            continue
+        if value == "None":
+            config[path] = None
+            fixed.append(path)
+    return fixed
 
 
 def use_atomic_checkpoint_io(trainer: Trainer) -> bool:
@@ -56,6 +100,16 @@ class Blip2CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``preemption:``: the always-present SIGTERM checkpoint callback (``signals: []`` disables it)."""
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """LightningCLI's parsing, then the nulls of the command line put back (:func:`restore_nulls`)."""
+        super().parse_arguments(parser, args)
+        if isinstance(args, dict) or (args is not None and not isinstance(args, list)):
+            return
+        words = list(sys.argv[1:] if args is None else args)
+        subcommand = self.config.get("subcommand")
+        for path in restore_nulls(self.config, null_overrides(words), f"{subcommand}." if subcommand else ""):
+            log.debug("%s: null from the command line restored (the parser had made it the string 'None')", path)
 
     def _parse_ckpt_path(self) -> None:
         """Refuse a checkpoint of another task before LightningCLI merges its hyperparameters into the

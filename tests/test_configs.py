@@ -121,3 +121,18 @@ def test_config_typo_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: p
     with pytest.raises(SystemExit):
         _instantiate(["configs/demo/stage1.yaml"], ["--model.init_args.optim.lrr=0.1"])
     assert "lrr" in capsys.readouterr().err
+
+
+def test_command_line_null_reaches_nested_class_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--...llm.init_args.gguf_file=null`` (a class inside another class's init_args) gives None, not
+    the string "None" jsonargparse makes of it: the demo stage 2 then loads a plain HF directory."""
+    from qformer_lightning.cli import null_overrides
+
+    monkeypatch.chdir(ROOT)
+    llm = "--model.init_args.model.init_args.llm.init_args"
+    cli = _instantiate(["configs/demo/stage2.yaml"], [f"{llm}.gguf_file=null", f"{llm}.tokenizer", "~",
+                                                      "--model.init_args.pretrained=null"])
+    assert cli.model.model.llm.gguf_file is None and cli.model.model.llm.tokenizer_name is None
+    assert cli.model.pretrained is None
+    assert "gguf_file: null" in cli.model.run_config
+    assert null_overrides(["fit", "--a.b=null", "--c", "None", "--d=none", "--e", "x", "--f"]) == ["a.b", "c"]
