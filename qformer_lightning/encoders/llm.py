@@ -567,7 +567,24 @@ class LanguageModel(nn.Module):
             or getattr(model.config, "decoder_start_token_id", None),
             **kwargs,
         )
-        out = model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        return self.generate_ids(embeds, mask, config)
+
+    def generate_ids(self, inputs_embeds: Tensor, attention_mask: Tensor, generation_config: Any) -> Tensor:
+        """transformers' ``generate`` on laid-out inputs; the new token ids only.
+
+        A method of its own (not part of :meth:`generate`) so that FSDP gathers the LM's
+        parameters around it (``qformer_lightning.scale.fsdp.UNIT_FORWARD_METHODS``) without
+        :meth:`embed` running inside it.
+
+        Args:
+            inputs_embeds: (B, L, Dl) from :meth:`generation_inputs`.
+            attention_mask: (B, L).
+            generation_config: a ``transformers.GenerationConfig``.
+
+        Returns:
+            (B * num_return_sequences, S) ids, without the decoder start token.
+        """
+        out = self._require().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config)
         return out[:, 1:] if self.is_encoder_decoder else out
 
     def decode(self, ids: Tensor) -> list[str]:

@@ -4,8 +4,12 @@ BLIP-2 holds a frozen ViT and a frozen LLM beside a trainable Q-Former. FSDP1 fl
 parameters of a unit into one tensor with a single ``requires_grad``; the policy below wraps
 
 - every transformer block (ViT blocks, LLM decoder/encoder blocks, Q-Former layers) as a unit,
-- the frozen containers (the ViT, the LLM) as units, so their leftover parameters (patch and
-  position embeddings, token embeddings, final norms) stay among frozen ones,
+- the outermost frozen containers (the ViT, the LLM adapter ``LanguageModel``) as units, so their
+  leftover parameters (patch and position embeddings, token embeddings, final norms, the LM head)
+  stay among frozen ones. Only the outermost: a container nested in another (transformers'
+  ``OPTDecoder`` inside ``OPTForCausalLM``) would split tied weights (OPT's and SmolLM2's LM head
+  is the input embedding, T5's encoder and decoder share theirs) between two units, which FSDP2
+  refuses and FSDP1 would run sharded,
 
 and leaves only trainable parameters (``ln_vision``, queries, embeddings, heads, projections)
 in the root unit.
@@ -27,12 +31,14 @@ DEFAULT_BLOCKS = (
     "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
 )
 DEFAULT_LLM_BLOCKS = DEFAULT_BLOCKS[3:]
-UNIT_FORWARD_METHODS = ("forward_features",)
-"""Methods that run a unit instead of its ``forward`` (the vision encoder calls timm's
-``vit.forward_features``): FSDP gathers the unit's parameters around them too."""
-ROOT_FORWARD_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+UNIT_FORWARD_METHODS = ("forward_features", "embed", "generate_ids")
+"""Methods that run a unit instead of its ``forward``: FSDP gathers the unit's parameters around
+them too. The vision encoder calls timm's ``vit.forward_features``; the LLM adapter embeds the
+prompt tokens (``LanguageModel.embed``) and generates (``LanguageModel.generate_ids``) outside its
+``forward``. None of them may call another (the inner one would reshard the unit under the outer)."""
+ROOT_FORWARD_METHODS = ("training_step", "validation_step", "test_step", "predict_step", "itc_features")
 """Lightning calls these on the task, never its ``forward``: the root unit (the task) gathers its
-parameters around them."""
+parameters around them (``itc_features``: stage 1's validation examples)."""
 
 
 def import_classes(paths: list[str] | tuple[str, ...]) -> tuple[type[nn.Module], ...]:
@@ -52,8 +58,7 @@ def import_classes(paths: list[str] | tuple[str, ...]) -> tuple[type[nn.Module],
 
 
 def is_frozen_container(module: nn.Module) -> bool:
-    """A module with a ``forward`` of its own, all of whose parameters are frozen and that holds
-    several children (the ViT, the LLM).
+    """A module with a ``forward`` of its own, all of whose parameters are frozen and that has children.
 
     Containers without a ``forward`` (``nn.ModuleList``, ``nn.ModuleDict``) are never units: FSDP
     gathers a unit's parameters in its forward, and theirs is never called (FSDP2's
@@ -62,7 +67,22 @@ def is_frozen_container(module: nn.Module) -> bool:
     if type(module).forward is nn.Module.forward:
         return False
     params = list(module.parameters())
-    return bool(params) and not any(p.requires_grad for p in params) and len(list(module.children())) > 1
+    return bool(params) and not any(p.requires_grad for p in params) and any(True for _ in module.children())
+
+
+def outermost_frozen_containers(root: nn.Module, block_classes: tuple[type[nn.Module], ...]) -> list[nn.Module]:
+    """The frozen containers holding a block that no other such container holds (top-down)."""
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if is_frozen_container(child) and _holds_block(child, block_classes):
+                found.append(child)
+            else:
+                visit(child)
+
+    visit(root)
+    return found
 
 
 class Blip2WrapPolicy:
@@ -77,13 +97,20 @@ class Blip2WrapPolicy:
     def __init__(self, block_classes: list[str] | None = None, frozen_containers: bool = True) -> None:
         self.block_classes = import_classes(block_classes or list(DEFAULT_BLOCKS))
         self.frozen_containers = frozen_containers
+        self._containers: set[int] | None = None
+
+    def bind(self, root: nn.Module) -> None:
+        """Choose the frozen-container units of the model ``root`` (:func:`outermost_frozen_containers`)."""
+        self._containers = {id(m) for m in outermost_frozen_containers(root, self.block_classes)}
 
     def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
         if recurse:
+            if self._containers is None:  # FSDP1 asks about the root first
+                self.bind(module)
             return True
         if isinstance(module, self.block_classes):
             return True
-        return self.frozen_containers and is_frozen_container(module) and _holds_block(module, self.block_classes)
+        return self.frozen_containers and self._containers is not None and id(module) in self._containers
 
 
 class BlockPolicy:
@@ -102,6 +129,7 @@ def _holds_block(module: nn.Module, classes: tuple[type[nn.Module], ...]) -> boo
 
 def wrap_units(model: nn.Module, policy: Blip2WrapPolicy) -> list[nn.Module]:
     """The modules the policy wraps, children first (the order FSDP2's ``fully_shard`` needs)."""
+    policy.bind(model)
     units = [m for m in model.modules() if m is not model and policy(m, False, 0)]
     depth = {id(m): 0 for m in units}
     for unit in units:
@@ -150,9 +178,12 @@ def scalar_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def route_through_forward(wrapper: nn.Module, method: str) -> None:
-    """FSDP1: make ``wrapper.<method>(...)`` run the wrapped module's ``method`` inside the
-    wrapper's ``forward``, where FSDP gathers the unit's parameters (FSDP1 has no
-    ``register_fsdp_forward_method``; called directly, the method would see sharded parameters).
+    """FSDP1: make ``<method>(...)`` of the wrapped module run inside the wrapper's ``forward``, where
+    FSDP gathers the unit's parameters (FSDP1 has no ``register_fsdp_forward_method``; called
+    directly, the method would see flat shards).
+
+    The method is replaced on the wrapped module itself, so that the module's own calls
+    (``self.embed(ids)`` inside ``LanguageModel``) are routed too, not only calls through the wrapper.
 
     Args:
         wrapper: a ``FullyShardedDataParallel`` unit; its ``module`` has ``method``.
@@ -168,7 +199,7 @@ def route_through_forward(wrapper: nn.Module, method: str) -> None:
         finally:
             del inner.forward
 
-    setattr(wrapper, method, call)
+    setattr(inner, method, call)
 
 
 def average_gradients_over(params: list[nn.Parameter], group: "torch.distributed.ProcessGroup | None") -> None:

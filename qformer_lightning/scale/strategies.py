@@ -32,8 +32,11 @@
   gathering of the optimizer state (Lightning's path) puts wrong moments in the file; here it is
   gathered by ``torch.distributed.checkpoint.state_dict`` on every rank, keyed by parameter name,
   and loaded back by name.
-- **Units called through another method** (the vision encoder calls ``vit.forward_features``):
-  FSDP1 gathers their parameters there too (:func:`~qformer_lightning.scale.fsdp.route_through_forward`).
+- **Units called through another method** (the vision encoder calls ``vit.forward_features``, the
+  LLM adapter embeds prompts and generates outside its ``forward``): FSDP1 gathers their parameters
+  there too (:func:`~qformer_lightning.scale.fsdp.route_through_forward`).
+- **FSDP1 gradient clipping by norm** (``gradient_clip_val``): Lightning refuses it under FSDP1; here
+  it is the root unit's ``clip_grad_norm_``, the norm of the whole gradient over all shards.
 - ``ModelParallelStrategy(data_parallel_size="auto")`` shards over every rank that tensor
   parallelism does not use (Lightning's ``auto`` is the number of nodes, which with
   ``tensor_parallel_size: 1`` fails on any node with more than one device).
@@ -43,12 +46,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.strategies.fsdp import _get_sharded_state_dict_context, _is_sharded_checkpoint
 from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -91,6 +96,23 @@ def check_loadable(model_keys: set[str], stored: set[str], dropped: set[str], pa
             f"besides the {len(dropped)} frozen weights it dropped), unexpected {unexpected[:20]} ({len(unexpected)})"
         )
     return missing
+
+
+def refuse_positional_optimizer_state(states: list[dict[str, Any]] | None, path: Path) -> None:
+    """Raise unless every optimizer state in ``states`` is keyed by parameter name.
+
+    Raises:
+        ValueError: an optimizer state keyed by parameter position (written by DDP or a single
+            device, or by Lightning's own ``FSDPStrategy``): positions cannot be matched to
+            sharded parameters safely.
+    """
+    for state in states or ():
+        if not all(isinstance(key, str) for key in state.get("state", {})):
+            raise ValueError(
+                f"{path}: the optimizer state is keyed by parameter position, not name (a checkpoint of DDP, one "
+                "device, or Lightning's FSDPStrategy); it cannot be resumed under FSDP/FSDP2. Resume it with the "
+                "strategy that wrote it, or start from its weights with the task's `pretrained` option"
+            )
 
 
 class _ShardedCheckpoints:
@@ -154,16 +176,38 @@ class _ShardedCheckpoints:
             head = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
             stored = set(head["state_dict"])
             left_out = check_loadable(self._model_state_keys(), stored, dropped_keys_of(head), path, strict)
+            if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+                refuse_positional_optimizer_state(head.get("optimizer_states"), path)
             del head
             metadata = self._load_file(path, weights_only)
         metadata[LOAD_REPORT] = {"path": str(path), "loaded": sorted(stored), "left_out": left_out}
         return metadata
 
 
+class RootClippingFSDPPrecision(FSDPPrecision):
+    """Lightning's FSDP1 precision, clipping by norm through the root unit's ``clip_grad_norm_``
+    (Lightning's raises: it has no handle on the root unit; ``torch.nn.utils.clip_grad_norm_`` would
+    clip each rank's shard by its own norm)."""
+
+    def __init__(self, precision: Any, scaler: Any, root: Callable[[], nn.Module]) -> None:
+        super().__init__(precision, scaler)
+        self._root = root
+
+    def clip_grad_by_norm(self, optimizer: Any, clip_val: int | float) -> None:
+        self._root().clip_grad_norm_(clip_val)
+
+
 class FSDPStrategy(_ShardedCheckpoints, _LightningFSDPStrategy):
     """Lightning's ``FSDPStrategy`` (same arguments) with the additions of the module docstring."""
 
     _STATE_KEY = "model"
+
+    def setup(self, trainer: Any) -> None:
+        """Lightning's setup, with :class:`RootClippingFSDPPrecision` in place of its FSDP precision."""
+        plugin = self.precision_plugin
+        if type(plugin) is FSDPPrecision:
+            self.precision_plugin = RootClippingFSDPPrecision(plugin.precision, plugin.scaler, lambda: self.model)
+        super().setup(trainer)
 
     def _saves_sharded(self) -> bool:
         return self._state_dict_type == "sharded"
@@ -180,6 +224,8 @@ class FSDPStrategy(_ShardedCheckpoints, _LightningFSDPStrategy):
             cast_frozen()
         scalars = scalar_parameters(model)
         kwargs = dict(self.kwargs)
+        if hasattr(kwargs.get("auto_wrap_policy"), "bind"):  # Blip2WrapPolicy: its units for this model
+            kwargs["auto_wrap_policy"].bind(model)
         if scalars:
             kwargs["ignored_states"] = [*kwargs.get("ignored_states", ()), *scalars]
         model = FullyShardedDataParallel(
@@ -242,8 +288,7 @@ class FSDPStrategy(_ShardedCheckpoints, _LightningFSDPStrategy):
         """A one-file checkpoint: the weights as Lightning loads them, the optimizer state by parameter name.
 
         Raises:
-            ValueError: an optimizer state keyed by position (written by another strategy, or by
-                Lightning's own ``FSDPStrategy``): positions cannot be matched to parameters safely.
+            ValueError: an optimizer state keyed by position (:func:`refuse_positional_optimizer_state`).
         """
         from lightning.fabric.strategies.model_parallel import _load_raw_module_state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -255,13 +300,8 @@ class FSDPStrategy(_ShardedCheckpoints, _LightningFSDPStrategy):
             return checkpoint
         if len(states) != len(self.optimizers):
             raise ValueError(f"{path} holds {len(states)} optimizer states, this run has {len(self.optimizers)} optimizers")
+        refuse_positional_optimizer_state(states, path)
         for optimizer, state in zip(self.optimizers, states):
-            if not all(isinstance(key, str) for key in state["state"]):
-                raise ValueError(
-                    f"{path}: the optimizer state is keyed by parameter position, not name (a checkpoint of another "
-                    "strategy, or of Lightning's FSDPStrategy); it cannot be resumed here. Start from its weights "
-                    "with the task's `pretrained` option instead"
-                )
             set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
         return checkpoint
 
