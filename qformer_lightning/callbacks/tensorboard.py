@@ -46,6 +46,19 @@ def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
     return None
 
 
+def call_as_step(trainer: pl.Trainer, pl_module: pl.LightningModule, method: str, *args: Any) -> Any:
+    """Run ``pl_module.<method>(*args)`` as Lightning runs a ``validation_step``: through the strategy's
+    wrapper (FSDP1 gathers the root unit's parameters only in its forward) and in the precision's
+    autocast. Under FSDP2 the task is its own root unit, with ``method`` registered as a forward
+    (``qformer_lightning.scale.fsdp.ROOT_FORWARD_METHODS``). Every rank must call it under FSDP.
+    """
+    strategy = trainer.strategy
+    with strategy.precision_plugin.val_step_context():
+        if strategy.model is not None and strategy.model is not pl_module:
+            return strategy._forward_redirection(strategy.model, pl_module, method, *args)
+        return getattr(pl_module, method)(*args)
+
+
 def denormalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """(B, 3, S, S) normalised -> (B, 3, S, S) float32 in [0, 1]."""
     m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
@@ -164,7 +177,7 @@ class ValidationExamples(pl.Callback):
         (question or prompt, generated text, reference)."""
         k = min(self.num_examples, batch["image"].shape[0])
         head = first_rows(batch, k)
-        records = pl_module.predict_step(head, 0)
+        records = call_as_step(trainer, pl_module, "predict_step", head, 0)
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
@@ -180,7 +193,6 @@ class ValidationExamples(pl.Callback):
     @torch.no_grad()
     def log_retrieval(self, trainer: pl.Trainer, pl_module: Any, batch: dict[str, Any], writer: Any) -> None:
         """Rank the batch's distinct images for K of its captions (ITC); one grid row per query."""
-        model = pl_module.model
         image_ids = batch["image_id"].tolist()
         first = {}
         for i, image_id in enumerate(image_ids):
@@ -189,9 +201,7 @@ class ValidationExamples(pl.Callback):
         num_queries = min(self.num_examples, len(image_ids))
         texts = list(batch["text"][:num_queries])
         images = batch["image"][gallery]  # (I, 3, S, S)
-        _, image_feats, _ = model.query_features(model.image_embeds(images))  # (I, Q, E)
-        ids, mask = pl_module.text(texts, images.device)
-        _, text_feats = model.text_features(ids, mask)  # (X, E)
+        image_feats, text_feats = call_as_step(trainer, pl_module, "itc_features", images, texts)  # (I, Q, E), (X, E)
         scores, hits = retrieval_topk(image_feats, text_feats, self.top_k)  # (X, k)
         if not trainer.is_global_zero:
             return

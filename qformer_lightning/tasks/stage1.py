@@ -141,14 +141,24 @@ class Stage1(Blip2Task):
 
     # ------------------------------------------------------------------ validation: ITC retrieval
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        ids, mask = self.text(batch["text"], self.device)
-        image_embeds = self.model.image_embeds(batch["image"])
-        _, image_feats, _ = self.model.query_features(image_embeds)
-        _, text_feat = self.model.text_features(ids, mask)
+        image_feats, text_feat = self.itc_features(batch["image"], batch["text"])
         self.val_retrieval.update(image_feats, text_feat, batch["image_id"].to(self.device))
         losses = self.compute_losses(batch)
         for name, value in losses.items():
             self.log(f"val/{name}", value, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def itc_features(self, images: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """The ITC embeddings: (I, Q, E) normalised query features of (I, 3, S, S) ``images`` and
+        (X, E) normalised text features of X ``texts``.
+
+        A step-like method: sharded strategies gather the task's parameters around it
+        (``qformer_lightning.scale.fsdp.ROOT_FORWARD_METHODS``), so callbacks may call it through
+        the strategy (``callbacks.tensorboard.call_as_step``).
+        """
+        ids, mask = self.text(texts, images.device)
+        _, image_feats, _ = self.model.query_features(self.model.image_embeds(images))
+        _, text_feat = self.model.text_features(ids, mask)
+        return image_feats, text_feat
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.val_retrieval.compute()
