@@ -13,13 +13,7 @@ the frozen ViT in bf16 (``frozen_dtype: bf16``) and loads it from a file, so che
 - per strategy, 2 processes, 2 steps, validation at step 2 and a checkpoint after it; then a
   second ``fit --ckpt_path`` on that checkpoint to step 3.
 
-Tolerances. Gradients: as in ``test_ddp_stage1``. Parameters: AdamW divides each gradient by its
-running RMS, so rounding differences in a tiny gradient become visible; the key-bias third of each
-self-attention ``qkv_proj.bias`` has a gradient that is zero in exact arithmetic (softmax ignores a
-shift shared by all keys), so its update is the sign of rounding noise and two correct runs may
-differ by up to ``2 * sum(lr_t)`` there. Everything else is compared element-wise at the DDP test's
-``1e-4`` and as a whole: the update of all parameters differs by < 1e-3 of its norm (FSDP1 without
-its weight-decay fix was at 8e-3).
+Tolerances: ``fsdp_checks``.
 """
 
 from __future__ import annotations
@@ -31,6 +25,14 @@ import pytest
 import torch
 import yaml
 
+from fsdp_checks import (
+    STRATEGIES as FRAGMENTS,
+    assert_restored_exactly,
+    assert_same_gradients,
+    assert_same_start,
+    assert_same_training,
+    logged_text,
+)
 from qformer_lightning.scale.checkpointing import parked_previous, stale_temporaries
 from qformer_lightning.tasks.optim import warmup_cosine
 from scale_runs import callback_arg, run
@@ -38,9 +40,8 @@ from scale_runs import callback_arg, run
 CAPTIONS = ["a red circle", "a blue square", "a green triangle"]  # 5 tokens each with [CLS] / [SEP]
 WIDTH = 64  # the demo Q-Former's hidden size: qkv_proj.bias is (3 * WIDTH,), keys in the middle third
 STRATEGIES = {
-    "fsdp2": ["--config", "configs/strategy/fsdp2.yaml"],
-    "fsdp1": ["--config", "configs/strategy/fsdp.yaml",
-              "--trainer.strategy.init_args.activation_checkpointing_policy.init_args.block_classes="
+    "fsdp2": FRAGMENTS["fsdp2"],
+    "fsdp1": [*FRAGMENTS["fsdp1"], "--trainer.strategy.init_args.activation_checkpointing_policy.init_args.block_classes="
               "[qformer_lightning.nn.qformer.QFormerLayer]"],
 }
 LAYERS = ["model.qformer.layers.0", "model.qformer.layers.1"]
@@ -57,7 +58,7 @@ def _args(out: Path, vit: Path, devices: int, steps: int, extra: list[str], call
         "fit", "--config", "configs/demo/stage1.yaml", "--config", str(data), *extra,
         f"{vision}.image_size=32", f"{vision}.checkpoint_path={vit}", "--model.init_args.frozen_dtype=bf16",
         f"--trainer.max_steps={steps}", "--trainer.val_check_interval=2", f"--trainer.default_root_dir={out}",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.use_distributed_sampler=false",
+        f"--trainer.logger.init_args.save_dir={out}/tb", "--trainer.enable_progress_bar=false", "--trainer.use_distributed_sampler=false",
         "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
         # one checkpoint, after the validation of step 2 (FSDP2's root unit is still gathered then)
         f"--trainer.callbacks.dirpath={out}/ckpt", "--trainer.callbacks.every_n_train_steps=0",
@@ -103,69 +104,21 @@ def fsdp1_from_full_file(sharded: tuple[str, Path, Path], vit_source: Path) -> P
                 [*STRATEGIES["fsdp1"], f"--ckpt_path={first.parent / 'full.ckpt'}"])
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / a.norm().clamp_min(1e-30))
-
-
-def _split_key_bias(params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The parameters without the key thirds of the self-attention biases, and those thirds."""
-    rest, keys = {}, []
-    for name, value in params.items():
-        if name.endswith("self_attn.qkv_proj.bias"):
-            keys.append(value[WIDTH:2 * WIDTH])
-            value = torch.cat([value[:WIDTH], value[2 * WIDTH:]])
-        rest[name] = value
-    return rest, torch.cat(keys)
-
-
-def _assert_restored_exactly(first: Path, resumed: Path) -> None:
-    """The resumed run starts from the trainable weights and optimizer state the first one ended with, bit for bit."""
-    saved, restored = torch.load(first / "params.pt"), torch.load(resumed / "start_params.pt")
-    assert saved.keys() == restored.keys()
-    for name in saved:
-        assert torch.equal(saved[name], restored[name]), name
-    saved_optim, restored_optim = torch.load(first / "optim.pt"), torch.load(resumed / "start_optim.pt")
-    assert saved_optim.keys() == saved.keys() == restored_optim.keys()
-    for name, state in saved_optim.items():
-        assert state.keys() == restored_optim[name].keys() == {"step", "exp_avg", "exp_avg_sq"}, name
-        for key in state:
-            assert torch.equal(state[key], restored_optim[name][key]), (name, key)
-        assert float(state["step"]) == 2
-
-
-def _assert_same_training(start: dict, reference: dict, other: dict, steps: int) -> None:
-    """``other`` took the same ``steps`` optimizer steps from ``start`` as ``reference`` (module docstring)."""
-    assert reference.keys() == other.keys() == start.keys() and len(reference) > 50
-    ref, ref_keys = _split_key_bias(reference)
-    oth, oth_keys = _split_key_bias(other)
-    init, _ = _split_key_bias(start)
-    for name in ref:
-        assert torch.allclose(ref[name], oth[name], rtol=0, atol=1e-4), name
-    update_ref = torch.cat([(ref[n] - init[n]).flatten() for n in ref])
-    update_oth = torch.cat([(oth[n] - init[n]).flatten() for n in ref])
-    assert _relative(update_ref, update_oth) < 1e-3
-    lrs = [warmup_cosine(t, 30, steps, 1e-3, 1e-4, 1e-5) for t in range(steps)]  # the demo's schedule
-    assert (ref_keys - oth_keys).abs().max() <= 2.02 * sum(lrs)  # |AdamW step| <= 1.001 lr (betas 0.9, 0.98)
+def _lrs(steps: int) -> list[float]:
+    return [warmup_cosine(t, 30, steps, 1e-3, 1e-4, 1e-5) for t in range(steps)]  # the demo's schedule
 
 
 def test_two_sharded_processes_match_one(one: Path, sharded: tuple[str, Path, Path]) -> None:
-    """Gradients of step 0, parameters after 2 steps and validation metrics equal the 1-process run's."""
+    """Gradients of step 0, parameters after 2 steps and validation metrics equal the 1-process
+    run's; the retrieval examples (ValidationExamples, run through the strategy) are logged."""
     _, first, _ = sharded
-    assert torch.load(one / "start_params.pt").keys() == torch.load(first / "start_params.pt").keys()
-    for name, value in torch.load(one / "start_params.pt").items():  # same initialisation
-        assert torch.equal(value, torch.load(first / "start_params.pt")[name]), name
-
-    grads_one, grads_two = torch.load(one / "grads.pt"), torch.load(first / "grads.pt")
-    assert grads_one.keys() == grads_two.keys() and len(grads_one) > 50
-    flat_one = torch.cat([g.flatten() for g in grads_one.values()])
-    flat_two = torch.cat([grads_two[k].flatten() for k in grads_one])
-    assert _relative(flat_one, flat_two) < 1e-5  # a wrong reduction (sum, or one rank's) is off by O(1)
-    for name in grads_one:
-        assert _relative(grads_one[name], grads_two[name]) < 1e-2, name
+    assert_same_start(one, first)
+    grads_one = assert_same_gradients(one, first)
+    grads_two = torch.load(first / "grads.pt")
     assert float(grads_two["model.temp"]) == pytest.approx(float(grads_one["model.temp"]), rel=1e-4)  # kept out of FSDP
 
-    _assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params_step2.pt"),
-                          torch.load(first / "params.pt"), steps=2)
+    assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params_step2.pt"),
+                         torch.load(first / "params.pt"), _lrs(2), WIDTH)
 
     val_one = json.loads((one / "val.jsonl").read_text().splitlines()[0])
     val_two = json.loads((first / "val.jsonl").read_text().splitlines()[-1])
@@ -174,6 +127,10 @@ def test_two_sharded_processes_match_one(one: Path, sharded: tuple[str, Path, Pa
         assert val_one[key] == val_two[key], key
     for key in ("val/itc", "val/itm", "val/itg"):
         assert val_one[key] == pytest.approx(val_two[key], rel=1e-4), key
+    # rank 0 ranks the 2 distinct images of its 4 samples (the 1-process run has more): the table of
+    # its 4 queries is there, made by the sharded model
+    table = logged_text(first, "val_examples/retrieval")
+    assert "top 2 of 2 images (ITC)" in table and table.count("| a red circle |") >= 1 and len(table.splitlines()) == 6
 
 
 def test_units_never_mix_frozen_and_trainable(sharded: tuple[str, Path, Path]) -> None:
@@ -218,9 +175,9 @@ def test_sharded_checkpoint_resumes_exactly(one: Path, sharded: tuple[str, Path,
     assert len(stored) > 50 and not any(k.startswith(prefix + "model.vision.vit.") for k in stored)
     assert prefix + "model.temp" in stored and prefix + "model.vision.ln_vision.weight" in stored
 
-    _assert_restored_exactly(first, resumed)
-    _assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
-                          torch.load(resumed / "params.pt"), steps=3)
+    assert_restored_exactly(first, resumed)
+    assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
+                         torch.load(resumed / "params.pt"), _lrs(3), WIDTH)
 
 
 @pytest.mark.parametrize("sharded", ["fsdp1"], indirect=True)
@@ -239,9 +196,9 @@ def test_fsdp1_full_checkpoint_resumes_exactly(one: Path, sharded: tuple[str, Pa
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(saved[name][key], final[name][key]), (name, key)
 
-    _assert_restored_exactly(first, fsdp1_from_full_file)
-    _assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
-                          torch.load(fsdp1_from_full_file / "params.pt"), steps=3)
+    assert_restored_exactly(first, fsdp1_from_full_file)
+    assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
+                         torch.load(fsdp1_from_full_file / "params.pt"), _lrs(3), WIDTH)
 
 
 # ---------------------------------------------------------------------------- in-process pieces
@@ -323,3 +280,23 @@ def test_dropped_keys_read_unwrapped_names() -> None:
     name = "model.qformer.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn.qkv_proj.bias"
     assert unwrapped_name(name) == "model.qformer.layers.0.self_attn.qkv_proj.bias"
     assert unwrapped_name("model.temp") == "model.temp"
+
+
+def test_positional_optimizer_state_is_refused(tmp_path: Path) -> None:
+    """An optimizer state keyed by position (DDP, one device) cannot be matched to sharded parameters."""
+    from qformer_lightning.scale.strategies import refuse_positional_optimizer_state
+
+    refuse_positional_optimizer_state([{"state": {"model.q.w": {}}, "param_groups": []}], tmp_path)
+    refuse_positional_optimizer_state(None, tmp_path)
+    with pytest.raises(ValueError, match="keyed by parameter position.*`pretrained`"):
+        refuse_positional_optimizer_state([{"state": {0: {}, 1: {}}, "param_groups": []}], tmp_path / "last.ckpt")
+
+
+def test_single_device_checkpoint_does_not_resume_under_fsdp2(one: Path, tmp_path: Path, vit_source: Path) -> None:
+    """Resuming the 1-process run's checkpoint under FSDP2 stops with the message, on every rank."""
+    out = tmp_path / "run"
+    out.mkdir()
+    args = _args(out, vit_source, 2, 3, [*STRATEGIES["fsdp2"], f"--ckpt_path={one / 'ckpt' / 'last.ckpt'}"], [])
+    status = run(args, out / "log.txt", timeout=240)
+    log = (out / "log.txt").read_text()
+    assert status != 0 and "keyed by parameter position" in log, log[-3000:]
