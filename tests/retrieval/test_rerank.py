@@ -119,12 +119,19 @@ def test_k_larger_than_the_candidates_scores_every_pair_with_ties() -> None:
     assert result.scores.num_pairs == 4 * 8
     torch.testing.assert_close(result.scores.i2t, i2t, atol=1e-5, rtol=0)
     torch.testing.assert_close(result.scores.t2i, result.scores.i2t.T)
-    assert torch.equal(result.scores.i2t[1], result.scores.i2t[3])  # the duplicates tie exactly
-    # ties are pessimistic: image 1's captions score as high on image 3, so no text finds its image at rank 0
+    # the duplicates tie up to rounding: an ITM batch's GEMM may round a row differently by its position
+    # in the batch (seen on an AVX-512 CPU: 4.8e-7 apart)
+    scores = result.scores.i2t
+    torch.testing.assert_close(scores[1], scores[3], atol=1e-6, rtol=0)
+    torch.testing.assert_close(scores[:, [2, 3]], scores[:, [6, 7]], atol=1e-6, rtol=0)
     metrics = result.metrics
-    assert metrics == {**retrieval_metrics(result.scores.i2t, txt2img, img2txt, result.scores.t2i),
+    assert metrics == {**retrieval_metrics(scores, txt2img, img2txt, result.scores.t2i),
                        **{f"itc_{k}": v for k, v in retrieval_metrics(result.sim, txt2img, img2txt).items()}}
-    _, ranks = retrieval_ranks(result.scores.i2t, txt2img, img2txt, result.scores.t2i)
+    # exact ties are pessimistic: image 1's captions score as high on image 3, so no text finds its image at rank 0
+    tied = scores.clone()
+    tied[3] = tied[1]
+    tied[:, [6, 7]] = tied[:, [2, 3]]
+    _, ranks = retrieval_ranks(tied, txt2img, img2txt, tied.T)
     assert (ranks[[2, 3, 6, 7]] >= 1).all()
 
 
