@@ -32,6 +32,9 @@
   gathering of the optimizer state (Lightning's path) puts wrong moments in the file; here it is
   gathered by ``torch.distributed.checkpoint.state_dict`` on every rank, keyed by parameter name,
   and loaded back by name.
+- **Resume from a one-file checkpoint of DDP or one device** (both strategies): its optimizer state,
+  keyed by parameter position, is re-keyed by name (:func:`name_positional_state`, checked group
+  by group and shape by shape) and sharded; Lightning's loaders fail on it.
 - **Units called through another method** (the vision encoder calls ``vit.forward_features``, the
   LLM adapter embeds prompts and generates outside its ``forward``): FSDP1 gathers their parameters
   there too (:func:`~qformer_lightning.scale.fsdp.route_through_forward`).
@@ -98,21 +101,50 @@ def check_loadable(model_keys: set[str], stored: set[str], dropped: set[str], pa
     return missing
 
 
-def refuse_positional_optimizer_state(states: list[dict[str, Any]] | None, path: Path) -> None:
-    """Raise unless every optimizer state in ``states`` is keyed by parameter name.
+def is_positional(state: dict[str, Any]) -> bool:
+    """Whether an optimizer state dict is keyed by parameter position (``torch.optim``'s own format, as
+    DDP and one device save it) rather than by parameter name."""
+    return not all(isinstance(key, str) for key in state.get("state", {}))
+
+
+def name_positional_state(state: dict[str, Any], current: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Re-key a position-keyed optimizer state by the parameter names of this run's optimizer.
+
+    Position k of group g is this run's k-th parameter of group g: the task's
+    ``configure_optimizers`` builds the same groups, in the same order, under every strategy.
+    That is checked: the group sizes and their weight decay must agree, and every state tensor
+    must have its parameter's shape.
+
+    Args:
+        state: the checkpoint's optimizer state (``{"state": {int: ...}, "param_groups": [...]}``).
+        current: this run's optimizer state as ``get_optimizer_state_dict(full_state_dict=True)``
+            gives it (keyed by name).
+        path: the checkpoint, for the messages.
 
     Raises:
-        ValueError: an optimizer state keyed by parameter position (written by DDP or a single
-            device, or by Lightning's own ``FSDPStrategy``): positions cannot be matched to
-            sharded parameters safely.
+        ValueError: groups or shapes that do not match (another task or another optimizer setup).
     """
-    for state in states or ():
-        if not all(isinstance(key, str) for key in state.get("state", {})):
-            raise ValueError(
-                f"{path}: the optimizer state is keyed by parameter position, not name (a checkpoint of DDP, one "
-                "device, or Lightning's FSDPStrategy); it cannot be resumed under FSDP/FSDP2. Resume it with the "
-                "strategy that wrote it, or start from its weights with the task's `pretrained` option"
-            )
+    groups, ours = state["param_groups"], current["param_groups"]
+    sizes, our_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in ours]
+    decays, our_decays = [g.get("weight_decay") for g in groups], [g.get("weight_decay") for g in ours]
+    if sizes != our_sizes or decays != our_decays:
+        raise ValueError(
+            f"{path}: its optimizer has parameter groups of sizes {sizes} (weight decay {decays}), this run's "
+            f"{our_sizes} ({our_decays}): the optimizer state cannot be matched to the parameters"
+        )
+    names = {}
+    for group, our_group in zip(groups, ours):
+        names.update(zip(group["params"], our_group["params"]))
+    named = {names[position]: entry for position, entry in state["state"].items()}
+    for name, entry in named.items():
+        for key, value in entry.items():
+            expected = current["state"].get(name, {}).get(key)
+            if isinstance(value, torch.Tensor) and value.dim() and (expected is None or value.shape != expected.shape):
+                raise ValueError(
+                    f"{path}: optimizer state {key} of {name} has shape {tuple(value.shape)}, the parameter "
+                    f"{None if expected is None else tuple(expected.shape)}"
+                )
+    return {"state": named, "param_groups": [{**g, "params": o["params"]} for g, o in zip(groups, ours)]}
 
 
 class _ShardedCheckpoints:
@@ -134,13 +166,29 @@ class _ShardedCheckpoints:
         raise NotImplementedError
 
     def _load_file(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
-        """Lightning's loader of one-file checkpoints, its key check off (done by the caller)."""
-        module = self.lightning_module
-        strict, module.strict_loading = module.strict_loading, False  # the left-out keys keep their values
-        try:
-            return super().load_checkpoint(path, weights_only=weights_only)
-        finally:
-            module.strict_loading = strict
+        """A one-file checkpoint (a full-state-dict save, or one of DDP or one device): the weights, and
+        when fitting the optimizer state by parameter name (position-keyed states are re-keyed:
+        :func:`name_positional_state`). Returns the rest of the checkpoint.
+
+        Raises:
+            ValueError: another number of optimizers, or a state that does not match this run's.
+        """
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        _load_raw_module_state(checkpoint.pop("state_dict"), module=self.model, world_size=self.world_size, strict=False)
+        states = checkpoint.get("optimizer_states")  # left in: Lightning checks that it is there
+        if states is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"{path} holds {len(states)} optimizer states, this run has {len(self.optimizers)} optimizers")
+        options = StateDictOptions(full_state_dict=True)
+        for optimizer, state in zip(self.optimizers, states):
+            if is_positional(state):
+                state = name_positional_state(state, get_optimizer_state_dict(self.model, optimizer, options=options), path)
+            set_optimizer_state_dict(self.model, optimizer, state, options=options)
+        return checkpoint
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Sharded: write the directory beside ``filepath``, then swap it in (rank 0). Full: Lightning's
@@ -176,8 +224,6 @@ class _ShardedCheckpoints:
             head = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
             stored = set(head["state_dict"])
             left_out = check_loadable(self._model_state_keys(), stored, dropped_keys_of(head), path, strict)
-            if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
-                refuse_positional_optimizer_state(head.get("optimizer_states"), path)
             del head
             metadata = self._load_file(path, weights_only)
         metadata[LOAD_REPORT] = {"path": str(path), "loaded": sorted(stored), "left_out": left_out}
@@ -283,27 +329,6 @@ class FSDPStrategy(_ShardedCheckpoints, _LightningFSDPStrategy):
         return {"state": {name: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
                           for name, entry in state["state"].items()},
                 "param_groups": state["param_groups"]}
-
-    def _load_file(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
-        """A one-file checkpoint: the weights as Lightning loads them, the optimizer state by parameter name.
-
-        Raises:
-            ValueError: an optimizer state keyed by position (:func:`refuse_positional_optimizer_state`).
-        """
-        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-        _load_raw_module_state(checkpoint.pop("state_dict"), module=self.model, world_size=self.world_size, strict=False)
-        states = checkpoint.get("optimizer_states")
-        if states is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
-            return checkpoint
-        if len(states) != len(self.optimizers):
-            raise ValueError(f"{path} holds {len(states)} optimizer states, this run has {len(self.optimizers)} optimizers")
-        refuse_positional_optimizer_state(states, path)
-        for optimizer, state in zip(self.optimizers, states):
-            set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-        return checkpoint
 
     @property
     def mixed_precision_config(self) -> Any:

@@ -54,8 +54,8 @@ class StepRecord(Callback):
 
     With ``state=True`` also the optimizer state at the end (``optim.pt``) and, when training
     starts (after a checkpoint restore), the parameters and optimizer state it starts from
-    (``start_params.pt``, ``start_optim.pt``). ``param_steps``: also the parameters after those
-    optimizer steps (``params_step{k}.pt``).
+    (``start_params.pt``, ``start_optim.pt``). ``param_steps``: also the parameters (with ``state``
+    the optimizer state too) after those optimizer steps (``params_step{k}.pt``, ``optim_step{k}.pt``).
 
     Sharded runs are recorded whole (every rank takes part in the gathering): FSDP2's DTensors
     through ``full_tensor()``, FSDP1's flat parameters through ``summon_full_params``.
@@ -81,6 +81,8 @@ class StepRecord(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step in self.param_steps:
             self._save(trainer, full_trainable(trainer, pl_module), f"params_step{trainer.global_step}.pt")
+            if self.state:
+                self._save(trainer, full_optimizer_state(trainer), f"optim_step{trainer.global_step}.pt")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:

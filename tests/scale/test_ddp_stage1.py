@@ -17,9 +17,12 @@ import pytest
 import torch
 import yaml
 
+from parity_checks import assert_same_gradients, assert_same_start, assert_same_training, relative
+from qformer_lightning.tasks.optim import warmup_cosine
 from scale_runs import callback_arg, run
 
 SAME_LENGTH = ["a red circle", "a blue square", "a green triangle"]  # 5 tokens each with [CLS] / [SEP]
+WIDTH = 64  # the demo Q-Former's hidden size
 
 
 def _args(out: Path, devices: int, captions: list[str]) -> list[str]:
@@ -33,7 +36,7 @@ def _args(out: Path, devices: int, captions: list[str]) -> list[str]:
         "--trainer.logger=false", f"--trainer.callbacks.dirpath={out}/ckpt", "--trainer.enable_progress_bar=false",
         "--trainer.use_distributed_sampler=false", "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
         *(["--trainer.strategy=ddp"] if devices > 1 else []),
-        callback_arg("scale_callbacks.HardestNegatives"), callback_arg("scale_callbacks.StepRecord", path=str(out)),
+        callback_arg("scale_callbacks.HardestNegatives"), callback_arg("scale_callbacks.StepRecord", path=str(out), state=True),
     ]
 
 
@@ -44,25 +47,15 @@ def _fit(out: Path, devices: int, captions: list[str]) -> Path:
     return out
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / a.norm().clamp_min(1e-30))
-
-
 def test_two_processes_match_one(tmp_path: Path) -> None:
     one = _fit(tmp_path / "one", 1, SAME_LENGTH)
     two = _fit(tmp_path / "two", 2, SAME_LENGTH)
 
-    grads_one, grads_two = torch.load(one / "grads.pt"), torch.load(two / "grads.pt")
-    assert grads_one.keys() == grads_two.keys() and len(grads_one) > 50
-    flat_one = torch.cat([g.flatten() for g in grads_one.values()])
-    flat_two = torch.cat([grads_two[k].flatten() for k in grads_one])
-    assert _relative(flat_one, flat_two) < 1e-5  # a wrong DDP scaling would be off by O(1)
-    for name in grads_one:  # ITC-only parameters have small, cancelling gradients at init: looser
-        assert _relative(grads_one[name], grads_two[name]) < 1e-2, name
-
-    params_one, params_two = torch.load(one / "params.pt"), torch.load(two / "params.pt")
-    for name in params_one:
-        assert torch.allclose(params_one[name], params_two[name], rtol=0, atol=1e-4), name
+    assert_same_start(one, two)
+    assert_same_gradients(one, two)  # a wrong DDP scaling would be off by O(1)
+    lrs = [warmup_cosine(t, 30, 2, 1e-3, 1e-4, 1e-5) for t in range(2)]  # the demo's schedule
+    assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
+                         torch.load(two / "params.pt"), lrs, WIDTH)
 
     val_one = json.loads((one / "val.jsonl").read_text().splitlines()[-1])
     val_two = json.loads((two / "val.jsonl").read_text().splitlines()[-1])
@@ -86,7 +79,7 @@ def test_two_processes_with_different_caption_lengths_per_rank(tmp_path: Path) -
     grads_one, grads_two = torch.load(one / "grads.pt"), torch.load(two / "grads.pt")
     heads = ["model.vision_proj.weight", "model.text_proj.weight", "model.itm_head.linear.weight", "model.temp"]
     for name in heads:  # ITC-only and ITM-only parameters
-        assert _relative(grads_one[name], grads_two[name]) < 1e-4, name
+        assert relative(grads_one[name], grads_two[name]) < 1e-4, name
     flat_one = torch.cat([g.flatten() for g in grads_one.values()])
     flat_two = torch.cat([grads_two[k].flatten() for k in grads_one])
-    assert _relative(flat_one, flat_two) < 0.2  # same direction; ITG token weighting differs
+    assert relative(flat_one, flat_two) < 0.2  # same direction; ITG token weighting differs

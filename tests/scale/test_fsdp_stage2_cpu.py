@@ -15,7 +15,7 @@ taking part).
 - per LLM and strategy, 2 processes, 2 steps with validation and a checkpoint at step 2; for OPT also
   a second ``fit --ckpt_path`` on that checkpoint to step 3.
 
-Tolerances: ``fsdp_checks``.
+Tolerances: ``parity_checks``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from fsdp_checks import (
+from parity_checks import (
     STRATEGIES,
     assert_restored_exactly,
     assert_same_gradients,

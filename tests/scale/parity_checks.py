@@ -1,4 +1,5 @@
-"""What the FSDP CPU tests compare between a 1-process run and its 2-process sharded twin.
+"""What the multi-process CPU tests (DDP, FSDP, FSDP2) compare between a 1-process run and its
+2-process twin (files written by ``scale_callbacks.StepRecord``).
 
 Tolerances. Gradients: a relative difference of the whole gradient (a wrong reduction, a sum or
 one rank's share, is off by O(1)). Parameters: AdamW divides each gradient by its running RMS, so
