@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -45,7 +46,7 @@ def null_overrides(args: list[str]) -> list[str]:
     return keys
 
 
-def restore_nulls(config, keys: list[str], prefix: str = "") -> list[str]:
+def restore_nulls(config: Namespace, keys: list[str], prefix: str = "") -> list[str]:
     """Set back to ``None`` the ``keys`` that the parser turned into the string ``"None"``.
 
     jsonargparse (4.53) reads ``--model.init_args.model.init_args.llm.init_args.gguf_file=null`` (an
