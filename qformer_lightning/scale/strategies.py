@@ -83,6 +83,30 @@ def stored_tensor_keys(path: Path, prefix: str) -> set[str]:
     return {k[len(head):] for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith(head)}
 
 
+SHARDED_WRITERS = {"model": "FSDP1 (configs/strategy/fsdp.yaml)", "state_dict": "FSDP2 (configs/strategy/fsdp2.yaml)"}
+"""The key under which each strategy stores the module state in a sharded checkpoint."""
+
+
+def check_sharded_writer(path: Path, state_key: str) -> None:
+    """Raise if the sharded checkpoint ``path`` holds no module state under ``state_key`` but under the
+    other strategy's key: FSDP1 and FSDP2 lay out their sharded checkpoints differently.
+
+    Raises:
+        ValueError: naming the strategy that wrote it.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    heads = {key.split(".", 1)[0] for key in FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+    if state_key in heads:
+        return
+    writers = [SHARDED_WRITERS[h] for h in sorted(heads) if h in SHARDED_WRITERS]
+    if writers:
+        raise ValueError(
+            f"{path} is a sharded checkpoint of {writers[0]}, this run's strategy stores its state otherwise: "
+            "resume it with the strategy that wrote it"
+        )
+
+
 def check_loadable(model_keys: set[str], stored: set[str], dropped: set[str], path: Path, strict: bool) -> list[str]:
     """The model keys the checkpoint lacks (its dropped frozen weights).
 
@@ -217,6 +241,7 @@ class _ShardedCheckpoints:
         strict = self.lightning_module.strict_loading
         if _is_sharded_checkpoint(path):
             metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+            check_sharded_writer(path, self._STATE_KEY)
             stored = stored_tensor_keys(path, self._STATE_KEY)
             left_out = check_loadable(self._model_state_keys(), stored, dropped_keys_of(metadata), path, strict)
             self._load_sharded_tensors(path, stored)

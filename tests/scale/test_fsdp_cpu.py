@@ -324,3 +324,19 @@ def test_single_device_checkpoint_resumes_under_sharding(one: Path, strategy: st
             assert torch.equal(entry[key], restored_optim[name][key]), (name, key)
     assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
                          torch.load(resumed / "params.pt"), _lrs(3), WIDTH)
+
+
+def test_sharded_checkpoint_of_the_other_fsdp_is_named(tmp_path: Path) -> None:
+    """FSDP1 stores the module state under "model", FSDP2 under "state_dict": a sharded checkpoint of
+    one resumed under the other names the strategy that wrote it."""
+    import torch.distributed.checkpoint as dcp
+
+    from qformer_lightning.scale.strategies import check_sharded_writer
+
+    dcp.save({"model": {"model.q.w": torch.ones(2)}, "optimizer_0": {"step": torch.tensor(1.0)}}, checkpoint_id=tmp_path / "fsdp1")
+    check_sharded_writer(tmp_path / "fsdp1", "model")
+    with pytest.raises(ValueError, match=r"sharded checkpoint of FSDP1 \(configs/strategy/fsdp.yaml\)"):
+        check_sharded_writer(tmp_path / "fsdp1", "state_dict")
+    dcp.save({"state_dict": {"model.q.w": torch.ones(2)}}, checkpoint_id=tmp_path / "fsdp2")
+    with pytest.raises(ValueError, match="of FSDP2"):
+        check_sharded_writer(tmp_path / "fsdp2", "model")
