@@ -40,6 +40,8 @@
   there too (:func:`~qformer_lightning.scale.fsdp.route_through_forward`).
 - **FSDP1 gradient clipping by norm** (``gradient_clip_val``): Lightning refuses it under FSDP1; here
   it is the root unit's ``clip_grad_norm_``, the norm of the whole gradient over all shards.
+- **FSDP1 ``bf16-mixed`` is autocast**, as under DDP and FSDP2 (Lightning's casts every unit's
+  parameters to bf16 and autocasts on CUDA only): see :attr:`FSDPStrategy.mixed_precision_config`.
 - ``ModelParallelStrategy(data_parallel_size="auto")`` shards over every rank that tensor
   parallelism does not use (Lightning's ``auto`` is the number of nodes, which with
   ``tensor_parallel_size: 1`` fails on any node with more than one device).
@@ -255,17 +257,29 @@ class _ShardedCheckpoints:
         return metadata
 
 
-class RootClippingFSDPPrecision(FSDPPrecision):
-    """Lightning's FSDP1 precision, clipping by norm through the root unit's ``clip_grad_norm_``
-    (Lightning's raises: it has no handle on the root unit; ``torch.nn.utils.clip_grad_norm_`` would
-    clip each rank's shard by its own norm)."""
+class Blip2FSDPPrecision(FSDPPrecision):
+    """Lightning's FSDP1 precision with two changes.
 
-    def __init__(self, precision: Any, scaler: Any, root: Callable[[], nn.Module]) -> None:
+    - Clipping by norm goes through the root unit's ``clip_grad_norm_``. Lightning's raises (it has
+      no handle on the root unit), and ``torch.nn.utils.clip_grad_norm_`` would clip each rank's
+      shard by its own norm.
+    - ``bf16-mixed`` / ``16-mixed`` autocast on the device the model runs on. Lightning's autocasts
+      on ``"cuda"`` only, a no-op on CPU; with :attr:`FSDPStrategy.mixed_precision_config` this makes
+      FSDP1's mixed precision the autocast of DDP and FSDP2.
+    """
+
+    def __init__(self, precision: Any, scaler: Any, root: Callable[[], nn.Module], device_type: Callable[[], str]) -> None:
         super().__init__(precision, scaler)
         self._root = root
+        self._device_type = device_type
 
     def clip_grad_by_norm(self, optimizer: Any, clip_val: int | float) -> None:
         self._root().clip_grad_norm_(clip_val)
+
+    def forward_context(self) -> Any:
+        if "mixed" in self.precision:
+            return torch.autocast(self._device_type(), dtype=torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16)
+        return super().forward_context()
 
 
 class FSDPStrategy(_ShardedCheckpoints, _LightningFSDPStrategy):
@@ -274,10 +288,11 @@ class FSDPStrategy(_ShardedCheckpoints, _LightningFSDPStrategy):
     _STATE_KEY = "model"
 
     def setup(self, trainer: Any) -> None:
-        """Lightning's setup, with :class:`RootClippingFSDPPrecision` in place of its FSDP precision."""
+        """Lightning's setup, with :class:`Blip2FSDPPrecision` in place of its FSDP precision."""
         plugin = self.precision_plugin
         if type(plugin) is FSDPPrecision:
-            self.precision_plugin = RootClippingFSDPPrecision(plugin.precision, plugin.scaler, lambda: self.model)
+            self.precision_plugin = Blip2FSDPPrecision(plugin.precision, plugin.scaler, lambda: self.model,
+                                                       lambda: self.root_device.type)
         super().setup(trainer)
 
     def _saves_sharded(self) -> bool:
@@ -357,9 +372,17 @@ class FSDPStrategy(_ShardedCheckpoints, _LightningFSDPStrategy):
 
     @property
     def mixed_precision_config(self) -> Any:
-        """Lightning's, except none for ``32-true``: Lightning's fp32 "mixed precision" would compute
-        the task's bf16/fp16 frozen units in fp32 (FSDP1 casts every unit to ``param_dtype``)."""
-        if self.mixed_precision is None and getattr(self.precision_plugin, "precision", None) == "32-true":
+        """Lightning's, except none for ``32-true`` and the ``*-mixed`` precisions (unless the
+        ``mixed_precision`` argument sets one).
+
+        FSDP1 casts every unit to ``param_dtype``. Lightning's fp32 "mixed precision" (``32-true``)
+        would compute the task's bf16/fp16 frozen units in fp32; its ``bf16-mixed`` would compute the
+        trainable Q-Former in pure bf16 (layer norms and softmax too) and reduce gradients in bf16,
+        where DDP and FSDP2 autocast. Without a policy the frozen units keep ``frozen_dtype``, the
+        trainable ones fp32, and :class:`Blip2FSDPPrecision` autocasts, as under DDP and FSDP2.
+        """
+        precision = getattr(self.precision_plugin, "precision", None)
+        if self.mixed_precision is None and precision in ("32-true", "bf16-mixed", "16-mixed"):
             return None
         return super().mixed_precision_config
 
