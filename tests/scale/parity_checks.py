@@ -59,14 +59,14 @@ def assert_same_start(one: Path, two: Path) -> None:
         assert torch.equal(value, start_two[name]), name
 
 
-def assert_restored_exactly(first: Path, resumed: Path, steps: int = 2) -> None:
-    """The resumed run starts from the trainable weights and optimizer state the first one ended
-    with (after ``steps`` steps), bit for bit."""
-    saved, restored = torch.load(first / "params.pt"), torch.load(resumed / "start_params.pt")
+def assert_restored_exactly(params: Path, optim: Path, resumed: Path, steps: int = 2) -> None:
+    """The resumed run starts from the trainable weights ``params`` and the optimizer state ``optim``
+    (``StepRecord`` files of the run that wrote the checkpoint, after ``steps`` steps), bit for bit."""
+    saved, restored = torch.load(params), torch.load(resumed / "start_params.pt")
     assert saved.keys() == restored.keys()
     for name in saved:
         assert torch.equal(saved[name], restored[name]), name
-    saved_optim, restored_optim = torch.load(first / "optim.pt"), torch.load(resumed / "start_optim.pt")
+    saved_optim, restored_optim = torch.load(optim), torch.load(resumed / "start_optim.pt")
     assert saved_optim.keys() == saved.keys() == restored_optim.keys()
     for name, state in saved_optim.items():
         assert state.keys() == restored_optim[name].keys() == {"step", "exp_avg", "exp_avg_sq"}, name

@@ -175,7 +175,7 @@ def test_sharded_checkpoint_resumes_exactly(one: Path, sharded: tuple[str, Path,
     assert len(stored) > 50 and not any(k.startswith(prefix + "model.vision.vit.") for k in stored)
     assert prefix + "model.temp" in stored and prefix + "model.vision.ln_vision.weight" in stored
 
-    assert_restored_exactly(first, resumed)
+    assert_restored_exactly(first / "params.pt", first / "optim.pt", resumed)
     assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
                          torch.load(resumed / "params.pt"), _lrs(3), WIDTH)
 
@@ -196,7 +196,7 @@ def test_fsdp1_full_checkpoint_resumes_exactly(one: Path, sharded: tuple[str, Pa
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(saved[name][key], final[name][key]), (name, key)
 
-    assert_restored_exactly(first, fsdp1_from_full_file)
+    assert_restored_exactly(first / "params.pt", first / "optim.pt", fsdp1_from_full_file)
     assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
                          torch.load(fsdp1_from_full_file / "params.pt"), _lrs(3), WIDTH)
 
@@ -311,17 +311,7 @@ def test_single_device_checkpoint_resumes_under_sharding(one: Path, strategy: st
     """The 1-process run's one-file checkpoint (step 2) resumes on 2 sharded processes: weights and Adam
     state restored bit for bit, and the third step equals the 1-process run's."""
     resumed = _fit(tmp_path / "resumed", vit_source, 2, 3, [*STRATEGIES[strategy], f"--ckpt_path={one / 'ckpt' / 'last.ckpt'}"])
-    saved = torch.load(one / "params_step2.pt")
-    restored = torch.load(resumed / "start_params.pt")
-    assert saved.keys() == restored.keys()
-    for name in saved:
-        assert torch.equal(saved[name], restored[name]), name
-    saved_optim, restored_optim = torch.load(one / "optim_step2.pt"), torch.load(resumed / "start_optim.pt")
-    assert saved_optim.keys() == restored_optim.keys() == saved.keys()
-    for name, entry in saved_optim.items():
-        assert entry.keys() == restored_optim[name].keys() == {"step", "exp_avg", "exp_avg_sq"}, name
-        for key in entry:
-            assert torch.equal(entry[key], restored_optim[name][key]), (name, key)
+    assert_restored_exactly(one / "params_step2.pt", one / "optim_step2.pt", resumed)
     assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
                          torch.load(resumed / "params.pt"), _lrs(3), WIDTH)
 

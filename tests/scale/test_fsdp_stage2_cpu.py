@@ -164,7 +164,7 @@ def test_sharded_checkpoint_leaves_out_the_llm_and_resumes_exactly(one: tuple[st
     assert prefix + "model.projection.weight" in stored
     if resumed is None:  # T5: the checkpoint only (the OPT runs cover resumption)
         return
-    assert_restored_exactly(first, resumed)
+    assert_restored_exactly(first / "params.pt", first / "optim.pt", resumed)
     assert_same_training(torch.load(one[1] / "start_params.pt"), torch.load(one[1] / "params.pt"),
                          torch.load(resumed / "params.pt"), _lrs(3), WIDTH)
 
