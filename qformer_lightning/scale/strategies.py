@@ -77,28 +77,32 @@ def dropped_keys_of(checkpoint: dict[str, Any]) -> set[str]:
     return set(meta.get("dropped_frozen_keys", ()))
 
 
-def stored_tensor_keys(path: Path, prefix: str) -> set[str]:
-    """Keys of the module state stored in the distributed checkpoint ``path`` under ``prefix``."""
+def sharded_checkpoint_keys(path: Path) -> set[str]:
+    """The state keys of the distributed (sharded) checkpoint ``path``, read from its metadata."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def stored_tensor_keys(keys: set[str], prefix: str) -> set[str]:
+    """The module-state keys among a sharded checkpoint's ``keys``: those under ``prefix``, without it."""
     head = prefix + "."
-    return {k[len(head):] for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith(head)}
+    return {k[len(head):] for k in keys if k.startswith(head)}
 
 
 SHARDED_WRITERS = {"model": "FSDP1 (configs/strategy/fsdp.yaml)", "state_dict": "FSDP2 (configs/strategy/fsdp2.yaml)"}
 """The key under which each strategy stores the module state in a sharded checkpoint."""
 
 
-def check_sharded_writer(path: Path, state_key: str) -> None:
-    """Raise if the sharded checkpoint ``path`` holds no module state under ``state_key`` but under the
-    other strategy's key: FSDP1 and FSDP2 lay out their sharded checkpoints differently.
+def check_sharded_writer(keys: set[str], state_key: str, path: Path) -> None:
+    """Raise if the sharded checkpoint ``path`` (state ``keys``) holds no module state under
+    ``state_key`` but under the other strategy's key: FSDP1 and FSDP2 lay out their sharded
+    checkpoints differently.
 
     Raises:
         ValueError: naming the strategy that wrote it.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
-    heads = {key.split(".", 1)[0] for key in FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+    heads = {key.split(".", 1)[0] for key in keys}
     if state_key in heads:
         return
     writers = [SHARDED_WRITERS[h] for h in sorted(heads) if h in SHARDED_WRITERS]
@@ -191,10 +195,10 @@ class _ShardedCheckpoints:
     def _load_sharded_tensors(self, path: Path, stored: set[str]) -> None:
         raise NotImplementedError
 
-    def _load_file(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
-        """A one-file checkpoint (a full-state-dict save, or one of DDP or one device): the weights, and
-        when fitting the optimizer state by parameter name (position-keyed states are re-keyed:
-        :func:`name_positional_state`). Returns the rest of the checkpoint.
+    def _load_file(self, checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+        """Load a one-file checkpoint (a full-state-dict save, or one of DDP or one device), as read
+        from ``path``: the weights, and when fitting the optimizer state by parameter name
+        (position-keyed states are re-keyed: :func:`name_positional_state`). Returns the rest of it.
 
         Raises:
             ValueError: another number of optimizers, or a state that does not match this run's.
@@ -202,7 +206,6 @@ class _ShardedCheckpoints:
         from lightning.fabric.strategies.model_parallel import _load_raw_module_state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
         _load_raw_module_state(checkpoint.pop("state_dict"), module=self.model, world_size=self.world_size, strict=False)
         states = checkpoint.get("optimizer_states")  # left in: Lightning checks that it is there
         if states is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
@@ -243,16 +246,16 @@ class _ShardedCheckpoints:
         strict = self.lightning_module.strict_loading
         if _is_sharded_checkpoint(path):
             metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
-            check_sharded_writer(path, self._STATE_KEY)
-            stored = stored_tensor_keys(path, self._STATE_KEY)
+            keys = sharded_checkpoint_keys(path)
+            check_sharded_writer(keys, self._STATE_KEY, path)
+            stored = stored_tensor_keys(keys, self._STATE_KEY)
             left_out = check_loadable(self._model_state_keys(), stored, dropped_keys_of(metadata), path, strict)
             self._load_sharded_tensors(path, stored)
         else:  # one file (a full-state-dict save, or a checkpoint of another strategy)
-            head = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
-            stored = set(head["state_dict"])
-            left_out = check_loadable(self._model_state_keys(), stored, dropped_keys_of(head), path, strict)
-            del head
-            metadata = self._load_file(path, weights_only)
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+            stored = set(checkpoint["state_dict"])
+            left_out = check_loadable(self._model_state_keys(), stored, dropped_keys_of(checkpoint), path, strict)
+            metadata = self._load_file(checkpoint, path)
         metadata[LOAD_REPORT] = {"path": str(path), "loaded": sorted(stored), "left_out": left_out}
         return metadata
 
