@@ -13,15 +13,42 @@ weight-decay fix was at 8e-3).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
+
+from qformer_lightning.tasks.optim import warmup_cosine
 
 STRATEGIES = {
     "fsdp2": ["--config", "configs/strategy/fsdp2.yaml"],
     "fsdp1": ["--config", "configs/strategy/fsdp.yaml"],
 }
 """The production strategy fragments, unchanged."""
+
+
+def demo_lrs(steps: int, warmup_steps: int) -> list[float]:
+    """The learning rates of the first ``steps`` steps under the demo configs' schedule (lr 1e-3, min
+    1e-4, warmup from 1e-5 over ``warmup_steps``: 30 in ``configs/demo/stage1.yaml``, 15 in stage 2)."""
+    return [warmup_cosine(t, warmup_steps, steps, 1e-3, 1e-4, 1e-5) for t in range(steps)]
+
+
+def validation_at(run: Path, step: int) -> dict[str, float]:
+    """The validation metrics ``StepRecord`` logged at ``step`` (the last such record)."""
+    records = [json.loads(line) for line in (run / "val.jsonl").read_text().splitlines()]
+    matching = [r for r in records if r["step"] == step]
+    assert matching, f"no validation at step {step} in {run / 'val.jsonl'}: {[r['step'] for r in records]}"
+    return matching[-1]
+
+
+def assert_same_retrieval_validation(one: Path, two: Path, step: int) -> None:
+    """Stage 1's validation at ``step``: the same retrieval recalls, ITC/ITM/ITG losses within 1e-4."""
+    val_one, val_two = validation_at(one, step), validation_at(two, step)
+    for key in ("val/txt_r1", "val/txt_r5", "val/img_r1", "val/img_r5", "val/r_mean"):
+        assert val_one[key] == val_two[key], key
+    for key in ("val/itc", "val/itm", "val/itg"):
+        assert val_one[key] == pytest.approx(val_two[key], rel=1e-4), key
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,15 +10,19 @@ ITC retrieval validation metrics.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
-from parity_checks import assert_same_gradients, assert_same_start, assert_same_training, relative
-from qformer_lightning.tasks.optim import warmup_cosine
+from parity_checks import (
+    assert_same_gradients,
+    assert_same_retrieval_validation,
+    assert_same_start,
+    assert_same_training,
+    demo_lrs,
+    relative,
+)
 from scale_runs import callback_arg, run
 
 SAME_LENGTH = ["a red circle", "a blue square", "a green triangle"]  # 5 tokens each with [CLS] / [SEP]
@@ -53,17 +57,9 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
 
     assert_same_start(one, two)
     assert_same_gradients(one, two)  # a wrong DDP scaling would be off by O(1)
-    lrs = [warmup_cosine(t, 30, 2, 1e-3, 1e-4, 1e-5) for t in range(2)]  # the demo's schedule
     assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params.pt"),
-                         torch.load(two / "params.pt"), lrs, WIDTH)
-
-    val_one = json.loads((one / "val.jsonl").read_text().splitlines()[-1])
-    val_two = json.loads((two / "val.jsonl").read_text().splitlines()[-1])
-    assert val_one["step"] == val_two["step"] == 2
-    for key in ("val/txt_r1", "val/txt_r5", "val/img_r1", "val/img_r5", "val/r_mean"):
-        assert val_one[key] == val_two[key], key
-    for key in ("val/itc", "val/itm", "val/itg"):
-        assert val_one[key] == pytest.approx(val_two[key], rel=1e-4), key
+                         torch.load(two / "params.pt"), demo_lrs(2, 30), WIDTH)
+    assert_same_retrieval_validation(one, two, step=2)
 
 
 def test_two_processes_with_different_caption_lengths_per_rank(tmp_path: Path) -> None:

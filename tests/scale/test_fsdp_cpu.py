@@ -29,12 +29,13 @@ from parity_checks import (
     STRATEGIES as FRAGMENTS,
     assert_restored_exactly,
     assert_same_gradients,
+    assert_same_retrieval_validation,
     assert_same_start,
     assert_same_training,
+    demo_lrs,
     logged_text,
 )
 from qformer_lightning.scale.checkpointing import parked_previous, stale_temporaries
-from qformer_lightning.tasks.optim import warmup_cosine
 from scale_runs import callback_arg, run
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle"]  # 5 tokens each with [CLS] / [SEP]
@@ -105,7 +106,7 @@ def fsdp1_from_full_file(sharded: tuple[str, Path, Path], vit_source: Path) -> P
 
 
 def _lrs(steps: int) -> list[float]:
-    return [warmup_cosine(t, 30, steps, 1e-3, 1e-4, 1e-5) for t in range(steps)]  # the demo's schedule
+    return demo_lrs(steps, 30)  # configs/demo/stage1.yaml
 
 
 def test_two_sharded_processes_match_one(one: Path, sharded: tuple[str, Path, Path]) -> None:
@@ -120,13 +121,7 @@ def test_two_sharded_processes_match_one(one: Path, sharded: tuple[str, Path, Pa
     assert_same_training(torch.load(one / "start_params.pt"), torch.load(one / "params_step2.pt"),
                          torch.load(first / "params.pt"), _lrs(2), WIDTH)
 
-    val_one = json.loads((one / "val.jsonl").read_text().splitlines()[0])
-    val_two = json.loads((first / "val.jsonl").read_text().splitlines()[-1])
-    assert val_one["step"] == val_two["step"] == 2
-    for key in ("val/txt_r1", "val/txt_r5", "val/img_r1", "val/img_r5", "val/r_mean"):
-        assert val_one[key] == val_two[key], key
-    for key in ("val/itc", "val/itm", "val/itg"):
-        assert val_one[key] == pytest.approx(val_two[key], rel=1e-4), key
+    assert_same_retrieval_validation(one, first, step=2)
     # rank 0 ranks the 2 distinct images of its 4 samples (the 1-process run has more): the table of
     # its 4 queries is there, made by the sharded model
     table = logged_text(first, "val_examples/retrieval")
@@ -321,12 +316,13 @@ def test_sharded_checkpoint_of_the_other_fsdp_is_named(tmp_path: Path) -> None:
     one resumed under the other names the strategy that wrote it."""
     import torch.distributed.checkpoint as dcp
 
-    from qformer_lightning.scale.strategies import check_sharded_writer
+    from qformer_lightning.scale.strategies import check_sharded_writer, sharded_checkpoint_keys
 
     dcp.save({"model": {"model.q.w": torch.ones(2)}, "optimizer_0": {"step": torch.tensor(1.0)}}, checkpoint_id=tmp_path / "fsdp1")
-    check_sharded_writer(tmp_path / "fsdp1", "model")
+    fsdp1 = sharded_checkpoint_keys(tmp_path / "fsdp1")
+    check_sharded_writer(fsdp1, "model", tmp_path / "fsdp1")
     with pytest.raises(ValueError, match=r"sharded checkpoint of FSDP1 \(configs/strategy/fsdp.yaml\)"):
-        check_sharded_writer(tmp_path / "fsdp1", "state_dict")
+        check_sharded_writer(fsdp1, "state_dict", tmp_path / "fsdp1")
     dcp.save({"state_dict": {"model.q.w": torch.ones(2)}}, checkpoint_id=tmp_path / "fsdp2")
     with pytest.raises(ValueError, match="of FSDP2"):
-        check_sharded_writer(tmp_path / "fsdp2", "model")
+        check_sharded_writer(sharded_checkpoint_keys(tmp_path / "fsdp2"), "model", tmp_path / "fsdp2")

@@ -20,7 +20,6 @@ Tolerances: ``parity_checks``.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -34,10 +33,11 @@ from parity_checks import (
     assert_same_gradients,
     assert_same_start,
     assert_same_training,
+    demo_lrs,
     logged_text,
     relative,
+    validation_at,
 )
-from qformer_lightning.tasks.optim import warmup_cosine
 from scale_runs import callback_arg, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stage2"))
@@ -51,7 +51,7 @@ RESUMED = {("opt", "fsdp1"), ("opt", "fsdp2")}
 
 
 def _lrs(steps: int) -> list[float]:
-    return [warmup_cosine(t, 15, steps, 1e-3, 1e-4, 1e-5) for t in range(steps)]  # configs/demo/stage2.yaml
+    return demo_lrs(steps, 15)  # configs/demo/stage2.yaml
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +136,7 @@ def test_two_sharded_processes_match_one(one: tuple[str, Path], sharded: tuple[s
     assert total > 1.0  # the step-0 gradient is clipped (demo: gradient_clip_val 1), so clipping is compared too
     assert_same_training(torch.load(ref / "start_params.pt"), torch.load(ref / "params_step2.pt"),
                          torch.load(first / "params.pt"), _lrs(2), WIDTH)
-    val_one = json.loads((ref / "val.jsonl").read_text().splitlines()[0])
-    val_two = json.loads((first / "val.jsonl").read_text().splitlines()[-1])
-    assert val_one["step"] == val_two["step"] == 2
+    val_one, val_two = validation_at(ref, 2), validation_at(first, 2)
     assert val_two["val/loss"] == pytest.approx(val_one["val/loss"], rel=1e-4)
     captions = logged_text(first, "val_examples/generated")
     assert captions == logged_text(ref / "tb", "val_examples/generated")
@@ -194,6 +192,5 @@ def test_bf16_mixed_under_sharding_follows_one_process(strategy: str, bf16_refer
     assert relative(flat_one, flat_two) < 1e-2  # measured 2e-3 for both; pure-bf16 compute was at 0.62
     params = torch.load(run_dir / "params.pt")
     assert {str(p.dtype) for p in params.values()} == {"torch.float32"}
-    val_one = json.loads((bf16_reference / "val.jsonl").read_text().splitlines()[-1])
-    val_two = json.loads((run_dir / "val.jsonl").read_text().splitlines()[-1])
+    val_one, val_two = validation_at(bf16_reference, 2), validation_at(run_dir, 2)
     assert val_two["val/loss"] == pytest.approx(val_one["val/loss"], rel=2e-2)
