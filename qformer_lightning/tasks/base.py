@@ -301,9 +301,10 @@ class Blip2Task(pl.LightningModule):
         """
         dropped = set(self._dropped_keys(checkpoint["state_dict"].keys()))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in dropped}
+        task = self.task_class()
         checkpoint["qformer_lightning"] = {
-            "task": self.task_class().__qualname__,
-            "task_class": f"{self.task_class().__module__}.{self.task_class().__qualname__}",
+            "task": task.__qualname__,
+            "task_class": f"{task.__module__}.{task.__qualname__}",
             "dropped_frozen_keys": sorted(dropped),
             "config": self.run_config,
             "num_skipped_steps": self.num_skipped_steps,
