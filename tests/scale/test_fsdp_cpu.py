@@ -326,3 +326,30 @@ def test_sharded_checkpoint_of_the_other_fsdp_is_named(tmp_path: Path) -> None:
     dcp.save({"state_dict": {"model.q.w": torch.ones(2)}}, checkpoint_id=tmp_path / "fsdp2")
     with pytest.raises(ValueError, match="of FSDP2"):
         check_sharded_writer(sharded_checkpoint_keys(tmp_path / "fsdp2"), "model", tmp_path / "fsdp2")
+
+
+def test_tensor_parallel_size_must_divide_the_ranks() -> None:
+    from qformer_lightning.scale.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=3)
+    strategy.parallel_devices = [torch.device("cpu")] * 2
+    strategy.num_nodes = 1
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the 2 ranks"):
+        strategy.setup_environment()
+
+
+def test_one_file_checkpoint_with_another_number_of_optimizers_is_refused(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from qformer_lightning.scale.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy()
+    model = torch.nn.Linear(2, 2)
+    strategy.model = model
+    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING)))
+    strategy.optimizers = [torch.optim.AdamW(model.parameters())]
+    checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [{}, {}]}
+    with pytest.raises(ValueError, match="holds 2 optimizer states, this run has 1 optimizers"):
+        strategy._load_file(checkpoint, tmp_path / "last.ckpt")
