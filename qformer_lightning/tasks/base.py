@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -113,6 +114,7 @@ class Blip2Task(pl.LightningModule):
         self.num_skipped_steps = 0
         self.run_config: str | None = None  # the resolved YAML config, set by the CLI, stored in checkpoints
         self._replaced_total = 0
+        self._replaced: Counter[str] = Counter()  # per reason, summed over training steps
         self._last_step_time: float | None = None
         self._model_configured = False
 
@@ -257,12 +259,18 @@ class Blip2Task(pl.LightningModule):
         self.log("train/lr", optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1].get("lr_scale", 1.0), batch_size=batch_size)
 
     def log_data_skips(self, batch: dict[str, Any]) -> None:
-        """Log the bad samples the data layer replaced in this batch (total and per reason), summed over steps."""
-        replaced = batch.get("replaced") or {}
+        """Log the bad samples the data layer has replaced so far in training (total and per reason).
+
+        Every scalar is cumulative and every reason seen so far is logged at every step: Lightning
+        re-emits a key's last value at log steps where it was not logged, so a per-batch count
+        would be repeated on batches without that reason. The counts are this rank's, and they
+        are the ones stored in (and restored from) checkpoints.
+        """
         self._replaced_total += int(batch.get("num_replaced", 0))
+        self._replaced.update({reason: int(n) for reason, n in (batch.get("replaced") or {}).items()})
         self.log("data/replaced_total", float(self._replaced_total), reduce_fx="max", batch_size=1)
-        for reason, count in replaced.items():
-            self.log(f"data/replaced_{reason}", float(count), reduce_fx="sum", batch_size=1)
+        for reason, count in sorted(self._replaced.items()):
+            self.log(f"data/replaced_{reason}", float(count), reduce_fx="max", batch_size=1)
 
     # ------------------------------------------------------------------ checkpoints
     def frozen_weights_have_source(self) -> bool:
@@ -309,6 +317,7 @@ class Blip2Task(pl.LightningModule):
             "config": self.run_config,
             "num_skipped_steps": self.num_skipped_steps,
             "replaced_total": self._replaced_total,
+            "replaced": dict(self._replaced),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -335,6 +344,7 @@ class Blip2Task(pl.LightningModule):
         self.strict_loading = False  # the dropped frozen weights come from their source
         self.num_skipped_steps = int(meta.get("num_skipped_steps", 0))
         self._replaced_total = int(meta.get("replaced_total", 0))
+        self._replaced = Counter({reason: int(n) for reason, n in meta.get("replaced", {}).items()})
 
     def _check_state_dict(self, state: dict[str, Any], dropped: set[str]) -> None:
         """Raise unless ``state`` holds every key of this module (but ``dropped``), no other, same shapes."""
