@@ -47,7 +47,8 @@ class CaptionDecoder:
     The caption candidates are the first ``caption_top_k`` entries of the list (or string) under
     ``caption_key`` in the sample's ``.json`` (CapFilt: the two best of BLIP's synthetic captions
     and the web caption); without that field, the ``.txt`` member. Candidates that are empty after
-    cleanup are dropped; one of the rest is drawn with ``rng``.
+    cleanup are dropped; one of the rest is drawn with ``rng``. A flipped image gets its caption's
+    left/right swapped when the transform says so (``ImageTransform.hflip_swaps_text``).
     """
 
     transform: ImageTransform
@@ -84,7 +85,7 @@ class CaptionDecoder:
         if not cleaned:
             raise BadSample("empty_caption", "caption empty after cleanup")
         text = cleaned[int(rng.random() * len(cleaned))]
-        return self.transform(data, rng), text
+        return self.transform.with_caption(data, text, rng)
 
 
 class _TarStream:
@@ -372,8 +373,10 @@ class ShardLoader:
         )
 
     def __iter__(self) -> Iterator[dict]:
+        """The epoch's batches. A generator: nothing starts (no worker, no position change) before
+        the first ``next()``, because Lightning calls ``iter()`` once only to check iterability."""
         self.dataset.set_position(0, 0)
-        return self._normalised(iter(self._loader()))
+        yield from self._normalised(iter(self._loader()))
 
     def _normalised(self, batches: Iterator[dict]) -> Iterator[dict]:
         for batch in batches:
@@ -381,7 +384,7 @@ class ShardLoader:
 
 
 class ResumableShardLoader(ShardLoader):
-    """A :class:`ShardLoader` that advances the epoch on every ``iter()`` and saves its position.
+    """A :class:`ShardLoader` that advances the epoch on every iteration and saves its position.
 
     ``state_dict()`` -> ``{"epoch", "batches", "world_size", "num_workers", "batch_size",
     "seed", "samples_per_epoch"}``: the epoch of the latest ``iter()`` and the batches this
@@ -396,6 +399,10 @@ class ResumableShardLoader(ShardLoader):
         self._resume: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[dict]:
+        """The next epoch's batches (or the rest of the resumed one). A generator: the epoch
+        advances and the workers start at the first ``next()``, not at ``iter()``, so Lightning's
+        iterability check (an ``iter()`` never advanced) neither skips data epoch 0 nor starts a
+        set of workers for nothing."""
         if self._resume is not None:
             epoch, skip = self._resume
             self._resume = None
@@ -405,10 +412,7 @@ class ResumableShardLoader(ShardLoader):
             epoch, skip = self.epoch + 1, 0
         self.epoch, self.batches = epoch, skip
         self.dataset.set_position(epoch, skip)
-        return self._count(self._normalised(iter(self._loader())))
-
-    def _count(self, batches: Iterator[dict]) -> Iterator[dict]:
-        for batch in batches:
+        for batch in self._normalised(iter(self._loader())):
             self.batches += 1
             yield batch
 
