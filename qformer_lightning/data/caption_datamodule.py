@@ -50,6 +50,8 @@ class CaptionDataModule(ReplacementCounting):
         mean, std: the encoder's normalisation.
         crop_scale: RandomResizedCrop area range.
         hflip: random horizontal flip in training.
+        hflip_swaps_text: swap "left"/"right" in the caption of a flipped image (spatial captions,
+            e.g. the synthetic corpus); otherwise turn ``hflip`` off for such captions.
         max_words: caption cleanup length (BLIP ``pre_caption``).
         eval_mode: ``images`` or ``pairs`` (above).
         check_images: check at setup that every image file exists (clear error otherwise).
@@ -70,6 +72,7 @@ class CaptionDataModule(ReplacementCounting):
         std: tuple[float, float, float] = CLIP_STD,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: bool = True,
+        hflip_swaps_text: bool = False,
         max_words: int = 30,
         eval_mode: Literal["images", "pairs"] = "images",
         check_images: bool = True,
@@ -85,6 +88,7 @@ class CaptionDataModule(ReplacementCounting):
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
+        self.hflip_swaps_text = hflip_swaps_text
         self.max_words = max_words
         self.eval_mode = eval_mode
         self.check_images = check_images
@@ -105,7 +109,9 @@ class CaptionDataModule(ReplacementCounting):
                 check_image_files(split.image_root, [im.image for im in images])
             rooted = [(split.image_root, im) for im in images]
             if name == "train":
-                transform = ImageTransform(self.image_size, True, self.crop_scale, hflip=self.hflip)
+                transform = ImageTransform(
+                    self.image_size, True, self.crop_scale, hflip=self.hflip, hflip_swaps_text=self.hflip_swaps_text
+                )
                 self._datasets[name] = CaptionPairDataset(rooted, transform, self.max_words)
             else:
                 transform = ImageTransform(self.image_size, False)

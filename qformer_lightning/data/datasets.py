@@ -45,6 +45,11 @@ class _ImageDataset(Dataset):
     transform: ImageTransform
 
     def _image(self, root: str, rel: str):
+        return self._image_with_caption(root, rel, "")[0]
+
+    def _image_with_caption(self, root: str, rel: str, caption: str):
+        """The transformed image and its caption (left/right swapped if the transform flipped it and
+        ``transform.hflip_swaps_text``)."""
         path = os.path.join(root, rel)
         try:
             with open(path, "rb") as f:
@@ -52,7 +57,7 @@ class _ImageDataset(Dataset):
         except OSError as err:
             raise BadSample("missing_image", f"{path}: {err}") from err
         rng = random.Random(int(torch.randint(0, 2**62, ()).item())) if self.transform.train else None
-        return self.transform(data, rng)
+        return self.transform.with_caption(data, caption, rng)
 
     def spare(self) -> Sample:
         """The first good item (deterministic replacement for a batch with no good item)."""
@@ -88,7 +93,7 @@ class CaptionPairDataset(_ImageDataset):
         try:
             if not text:
                 raise BadSample("empty_caption", f"caption {j} of {record.image} is empty after cleanup")
-            image = self._image(root, record.image)
+            image, text = self._image_with_caption(root, record.image, text)
         except BadSample as err:
             return Failed(record.image, err)
         return Sample(image, text, record.image_id, record.image, index=index)

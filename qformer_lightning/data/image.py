@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -130,7 +131,11 @@ class ImageTransform:
         train: random crop + flip (needs an ``rng``) or deterministic resize.
         scale: RandomResizedCrop area fraction range (BLIP-2: 0.5..1.0).
         max_image_pixels: largest decoded pixel count accepted.
-        hflip: random horizontal flip in training (off where answers say "left"/"right").
+        hflip: random horizontal flip in training (off where answers say "left"/"right", unless
+            ``hflip_swaps_text``).
+        hflip_swaps_text: a flipped image's caption gets the words "left" and "right" swapped
+            (:func:`swap_left_right`, applied by :meth:`with_caption`): flipping stays an augmentation
+            for spatial captions instead of making them false.
     """
 
     image_size: int
@@ -138,12 +143,28 @@ class ImageTransform:
     scale: tuple[float, float] = (0.5, 1.0)
     max_image_pixels: int = 64_000_000
     hflip: bool = True
+    hflip_swaps_text: bool = False
 
     def __call__(self, data: bytes, rng: random.Random | None = None) -> np.ndarray:
         """Decode and transform ``data``; raises :class:`BadSample` on bad input.
 
         Returns:
             (S, S, 3) uint8 array.
+        """
+        return self.transform(data, rng)[0]
+
+    def with_caption(self, data: bytes, caption: str, rng: random.Random | None = None) -> tuple[np.ndarray, str]:
+        """Transform ``data`` as :meth:`__call__` (same random draws) and return the caption that
+        describes the result: left/right swapped when the image was flipped and ``hflip_swaps_text``.
+        """
+        image, flipped = self.transform(data, rng)
+        return image, swap_left_right(caption) if flipped and self.hflip_swaps_text else caption
+
+    def transform(self, data: bytes, rng: random.Random | None = None) -> tuple[np.ndarray, bool]:
+        """Decode and transform ``data``; raises :class:`BadSample` on bad input.
+
+        Returns:
+            the (S, S, 3) uint8 array and whether it was flipped horizontally.
         """
         if self.train and rng is None:
             raise ValueError("the train transform needs an rng (random.Random) per sample")
@@ -182,8 +203,27 @@ class ImageTransform:
             raise BadSample("bad_image", f"{type(err).__name__}: {err}") from err
         arr = np.asarray(img)  # (S, S, 3)
         if self.train and self.hflip and rng.random() < 0.5:
-            arr = arr[:, ::-1]
-        return arr
+            return arr[:, ::-1], True
+        return arr, False
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """The caption of a horizontally flipped image: the words "left" and "right" swapped, case kept.
+
+    Only whole words change ("bright" stays); ``"a cat on the Left"`` -> ``"a cat on the Right"``.
+    """
+
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+
+    return _LEFT_RIGHT.sub(swap, text)
 
 
 def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

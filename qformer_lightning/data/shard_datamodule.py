@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -58,6 +59,9 @@ class ShardDataModule(ReplacementCounting):
         image_size: image side S fed to the encoder.
         mean, std: the encoder's normalisation (OpenAI CLIP's by default, as EVA-CLIP).
         crop_scale: RandomResizedCrop area range.
+        hflip: random horizontal flip in training (BLIP-2: on).
+        hflip_swaps_text: swap "left"/"right" in the caption of a flipped image (spatial captions,
+            e.g. the synthetic corpus); otherwise turn ``hflip`` off for such captions.
         max_words: captions are cut to this many words (BLIP: 30 for pretraining).
         caption_key: field of the sample ``.json`` holding the caption list (CapFilt); samples
             without it use their ``.txt``.
@@ -69,6 +73,11 @@ class ShardDataModule(ReplacementCounting):
         prefetch_factor: batches prefetched per worker.
         synthetic: generate the synthetic corpus here in ``prepare_data`` if it is missing
             (point ``sources`` at its shards, e.g. ``{root}/shards/train/*.tar``).
+        on_layout_change: what a resume does when the data layout (shards and their sample
+            counts, weights, shuffling, seeds, batch size, world size, workers) differs from the
+            checkpoint's: ``"error"`` (default; the error names every changed field) or
+            ``"fresh_epoch"`` (for a corpus changed on purpose: log the changes and start a fresh
+            data epoch at the saved step).
     """
 
     def __init__(
@@ -83,6 +92,8 @@ class ShardDataModule(ReplacementCounting):
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
         crop_scale: tuple[float, float] = (0.5, 1.0),
+        hflip: bool = True,
+        hflip_swaps_text: bool = False,
         max_words: int = 30,
         caption_key: str = "captions",
         caption_top_k: int = 2,
@@ -92,6 +103,7 @@ class ShardDataModule(ReplacementCounting):
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
         synthetic: SyntheticCorpusConfig | None = None,
+        on_layout_change: Literal["error", "fresh_epoch"] = "error",
     ) -> None:
         super().__init__()
         if not sources:
@@ -105,6 +117,7 @@ class ShardDataModule(ReplacementCounting):
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.crop_scale = tuple(crop_scale)
+        self.hflip, self.hflip_swaps_text = hflip, hflip_swaps_text
         self.max_words = max_words
         self.caption_key, self.caption_top_k = caption_key, caption_top_k
         self.interleave, self.shuffle_block = interleave, shuffle_block
@@ -112,6 +125,7 @@ class ShardDataModule(ReplacementCounting):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
         self.synthetic = synthetic
+        self.on_layout_change = on_layout_change
         self._train: list[list[Shard]] | None = None
         self._val: list[list[Shard]] | None = None
 
@@ -139,7 +153,9 @@ class ShardDataModule(ReplacementCounting):
         return self.trainer.global_rank, self.trainer.world_size
 
     def _decoder(self, train: bool) -> CaptionDecoder:
-        transform = ImageTransform(self.image_size, train, self.crop_scale, self.max_image_pixels)
+        transform = ImageTransform(
+            self.image_size, train, self.crop_scale, self.max_image_pixels, self.hflip, self.hflip_swaps_text
+        )
         return CaptionDecoder(transform, self.max_words, self.caption_key, self.caption_top_k)
 
     def train_dataset(self, rank: int = 0, world_size: int = 1) -> ShardStream:
@@ -164,7 +180,10 @@ class ShardDataModule(ReplacementCounting):
         """The resumable training loader; a loader rebuilt mid-fit (``reload_dataloaders_every_n_epochs``)
         continues at the trainer's epoch (a checkpoint's loader state, loaded after this, wins)."""
         rank, world = self._rank_world()
-        loader = ResumableShardLoader(self.train_dataset(rank, world), self.pin_memory, self.prefetch_factor)
+        loader = ResumableShardLoader(
+            self.train_dataset(rank, world), self.pin_memory, self.prefetch_factor,
+            weights=[s.weight for s in self.sources], on_layout_change=self.on_layout_change,
+        )
         if self.trainer is not None:
             loader.epoch = self.trainer.current_epoch - 1  # the next iter() starts current_epoch
         return loader

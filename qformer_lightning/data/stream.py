@@ -19,11 +19,13 @@ requires the same world size, number of workers and batch size (checked, with a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -383,17 +385,85 @@ class ShardLoader:
             yield normalize_batch(batch, self.dataset.mean, self.dataset.std)
 
 
+#: Version of the epoch order (``plan.py``); a checkpoint of another version cannot resume exactly.
+PLAN_VERSION = 1
+
+LAYOUT_CHANGES: tuple[str, ...] = ("error", "fresh_epoch")
+
+
+def layout_fingerprint(stream: ShardStream, weights: Sequence[float] | None = None) -> dict[str, object]:
+    """Everything the epoch order depends on, as ``{field: JSON-able value}``.
+
+    Per source: its name, its shards (count, samples and a SHA-256 of the URL and sample count of
+    every shard, in order), its weight and samples per epoch; then the shuffling settings, the data
+    seed, ``seed_everything`` (Lightning's ``PL_GLOBAL_SEED``), batch size, world size, workers and
+    the plan version.
+    """
+    out: dict[str, object] = {"plan_version": PLAN_VERSION, "num_sources": len(stream.sources)}
+    for i, (shards, quota, name) in enumerate(zip(stream.sources, stream.quotas, stream.names)):
+        digest = hashlib.sha256("".join(f"{s.url}\t{s.num_samples}\n" for s in shards).encode()).hexdigest()
+        samples = sum(s.num_samples for s in shards)
+        out[f"sources[{i}].name"] = name
+        out[f"sources[{i}].shards"] = f"{len(shards)} shards, {samples} samples, sha256 {digest[:16]}"
+        out[f"sources[{i}].weight"] = None if weights is None else float(weights[i])
+        out[f"sources[{i}].samples_per_epoch"] = quota
+    global_seed = os.environ.get("PL_GLOBAL_SEED")
+    out.update(
+        shuffle_block=stream.shuffle_block,
+        interleave=stream.interleave,
+        seed=stream.seed,
+        seed_everything=None if global_seed is None else int(global_seed),
+        batch_size=stream.batch_size,
+        world_size=stream.world_size,
+        num_workers=stream.num_workers,
+        samples_per_epoch=stream.total,
+    )
+    return out
+
+
+def layout_changes(saved: dict, current: dict[str, object]) -> list[str]:
+    """``"field: saved X now Y"`` for every field that ``saved`` (a loader state) and ``current``
+    disagree on (a field the checkpoint lacks is ``not recorded``, one it alone has is ``absent``)."""
+    changes = [f"{key}: saved {saved.get(key, 'not recorded')} now {value}"
+               for key, value in current.items() if saved.get(key, "not recorded") != value]
+    position = ("epoch", "batches")
+    changes += [f"{key}: saved {value} now absent" for key, value in saved.items()
+                if key not in current and key not in position]
+    return changes
+
+
 class ResumableShardLoader(ShardLoader):
     """A :class:`ShardLoader` that advances the epoch on every iteration and saves its position.
 
-    ``state_dict()`` -> ``{"epoch", "batches", "world_size", "num_workers", "batch_size",
-    "seed", "samples_per_epoch"}``: the epoch of the latest ``iter()`` and the batches this
-    rank has consumed in it (equal on all ranks). ``load_state_dict`` makes the next ``iter()``
-    continue there (or start the next epoch if that epoch was complete).
+    ``state_dict()`` -> ``{"epoch", "batches", **layout}``: the epoch of the latest iteration and
+    the batches this rank has consumed in it (equal on all ranks), plus the data-layout fingerprint
+    (:func:`layout_fingerprint`) it is valid for. ``load_state_dict`` makes the next ``iter()``
+    continue there (or start the next epoch if that epoch was complete). If the layout changed it
+    raises, naming every changed field with its saved and current value; with
+    ``on_layout_change="fresh_epoch"`` it logs them instead and the next iteration starts a fresh
+    data epoch (saved epoch + 1) from its first batch.
+
+    Args:
+        dataset, pin_memory, prefetch_factor: see :class:`ShardLoader`.
+        weights: per source, its weight (recorded in the fingerprint).
+        on_layout_change: ``"error"`` (default) or ``"fresh_epoch"``.
     """
 
-    def __init__(self, dataset: ShardStream, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+    def __init__(
+        self,
+        dataset: ShardStream,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        weights: Sequence[float] | None = None,
+        on_layout_change: str = "error",
+    ) -> None:
         super().__init__(dataset, pin_memory, prefetch_factor)
+        if on_layout_change not in LAYOUT_CHANGES:
+            raise ValueError(f"on_layout_change must be one of {LAYOUT_CHANGES}, got {on_layout_change!r}")
+        if weights is not None and len(weights) != len(dataset.sources):
+            raise ValueError(f"{len(weights)} weights for {len(dataset.sources)} sources")
+        self.weights = None if weights is None else list(weights)
+        self.on_layout_change = on_layout_change
         self.epoch = -1
         self.batches = 0
         self._resume: tuple[int, int] | None = None
@@ -416,27 +486,27 @@ class ResumableShardLoader(ShardLoader):
             self.batches += 1
             yield batch
 
-    def _layout(self) -> dict:
-        d = self.dataset
-        return {
-            "world_size": d.world_size,
-            "num_workers": d.num_workers,
-            "batch_size": d.batch_size,
-            "seed": d.seed,
-            "samples_per_epoch": d.total,
-        }
+    def _layout(self) -> dict[str, object]:
+        return layout_fingerprint(self.dataset, self.weights)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches, **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        mismatched = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
-        if mismatched:
-            details = ", ".join(f"{k}: saved {a} now {b}" for k, (a, b) in mismatched.items())
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        changes = layout_changes(state, self._layout())
+        if changes and self.on_layout_change == "error":
             raise ValueError(
-                f"cannot resume the shard stream exactly: the data layout changed ({details}); "
-                "resume with the same world size, num_workers, batch_size, seed and shards"
+                "cannot resume the shard stream exactly: the data layout changed since the checkpoint ("
+                + "; ".join(changes) + "). Resume with the same data settings, or set "
+                "data.init_args.on_layout_change: fresh_epoch to start a fresh data epoch at the saved step"
             )
-        self._resume = (int(state["epoch"]), int(state["batches"]))
-        self.epoch = int(state["epoch"])
-        self.batches = int(state["batches"])
+        if changes:
+            log.warning(
+                "the data layout changed since the checkpoint (%s); on_layout_change=fresh_epoch: "
+                "data epoch %d starts from its first batch at the saved step",
+                "; ".join(changes), epoch + 1,
+            )
+            epoch, batches = epoch + 1, 0
+        self._resume = (epoch, batches)
+        self.epoch, self.batches = epoch, batches

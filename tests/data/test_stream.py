@@ -147,7 +147,7 @@ def test_source_weights_repeat_and_subsample(corpus) -> None:
         assert len(from_b) == 30 and set(from_b.values()) == {1}
 
 
-def test_one_of_the_top2_captions_is_sampled(corpus) -> None:
+def test_one_of_the_top_k_captions_is_sampled(corpus) -> None:
     with open(corpus.karpathy_json) as f:
         images = json.load(f)["images"]
     allowed = {f"{im['cocoid']:09d}": [pre_caption(s["raw"]) for s in im["sentences"]] for im in images}
@@ -158,8 +158,47 @@ def test_one_of_the_top2_captions_is_sampled(corpus) -> None:
             for key, text in zip(batch["key"], batch["text"]):
                 chosen.setdefault(key.split("#")[1], set()).add(text)
     for key, texts in chosen.items():
-        assert texts <= {allowed[key][0], allowed[key][2]}  # the shard json's list: captions 0 and 2
+        assert texts <= {allowed[key][0], allowed[key][1]}  # the first 2 of the shard json's 5 captions
     assert sum(len(t) == 2 for t in chosen.values()) > 60  # both get drawn (p = 7/8 per key over 4 epochs)
+
+
+def test_all_five_captions_are_drawn_with_top_k_5(corpus) -> None:
+    with open(corpus.karpathy_json) as f:
+        images = json.load(f)["images"]
+    allowed = {f"{im['cocoid']:09d}": {pre_caption(s["raw"]) for s in im["sentences"]} for im in images}
+    loader = _dm(corpus, caption_top_k=5, hflip=False).train_dataloader()
+    chosen: dict[str, set[str]] = {}
+    for _ in range(6):
+        for batch in loader:
+            for key, text in zip(batch["key"], batch["text"]):
+                chosen.setdefault(key.split("#")[1], set()).add(text)
+    assert all(texts <= allowed[key] for key, texts in chosen.items())
+    # with 5 templates, over 6 epochs most keys get at least 3 distinct captions
+    assert sum(len(t) >= 3 for t in chosen.values()) > 0.8 * len(chosen)
+
+
+def _side_errors(corpus, **kw) -> tuple[int, int]:
+    """(captions whose "left"/"right" contradicts the pixels, captions naming a side) over one epoch."""
+    loader = _dm(corpus, caption_top_k=5, crop_scale=(1.0, 1.0), image_size=32, **kw).train_dataloader()
+    wrong = named = 0
+    for batch in loader:
+        grey = batch["image"].std(dim=1)  # (B, S, S): the background is grey, the shapes saturated
+        for image, text in zip(grey, batch["text"]):
+            words = text.split()
+            if ("left" in words) == ("right" in words):
+                continue
+            columns = (image > image.mean() + image.std()).float().sum(0)  # (S,) shape pixels per column
+            centre = (columns * torch.arange(len(columns))).sum() / columns.sum().clamp(min=1)
+            named += 1
+            wrong += bool(("left" in words) != (centre < len(columns) / 2))
+    return wrong, named
+
+
+def test_flip_swaps_left_and_right_in_the_caption(corpus) -> None:
+    wrong, named = _side_errors(corpus, hflip=True, hflip_swaps_text=True)
+    assert named > 10 and wrong == 0
+    wrong, named = _side_errors(corpus, hflip=True, hflip_swaps_text=False)
+    assert wrong > 0.2 * named  # a plain flip makes about half of them false
 
 
 def test_batch_layout(corpus) -> None:
