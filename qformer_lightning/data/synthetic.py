@@ -14,8 +14,9 @@ Everything a caption or an answer says is visible, so a tiny model can learn it.
 - ``vqa/{split}_questions.json`` + ``vqa/{split}_annotations.json``: VQAv2 format
   (``data_subtype`` = split), 10 human answers per question
 - ``shards/{split}/{00000..}.tar`` + ``{shard}_stats.json`` for train and val: img2dataset layout,
-  ``KEY.jpg``, ``KEY.txt`` (first caption) and ``KEY.json`` (``captions``: a CapFilt-style
-  top-2 list)
+  ``KEY.jpg``, ``KEY.txt`` (first caption) and ``KEY.json`` (``captions``: all five captions,
+  CapFilt-style; a loader with ``caption_top_k: 5`` draws among all of them, as the test split
+  uses all five templates)
 - ``meta.json``: the generation parameters; a later call with the same parameters reuses the
   corpus, with different ones it refuses to overwrite.
 
@@ -220,7 +221,7 @@ def make_synthetic_corpus(
     root = Path(root)
     params = {
         "num_train": num_train, "num_val": num_val, "num_test": num_test, "image_size": image_size,
-        "seed": seed, "shard_size": shard_size, "jpeg_quality": jpeg_quality, "version": 2,
+        "seed": seed, "shard_size": shard_size, "jpeg_quality": jpeg_quality, "version": 3,
     }
     meta = root / "meta.json"
     if root.exists():
@@ -294,7 +295,7 @@ def _generate(out: Path, params: dict) -> None:
                         {"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(answers)
                     ],
                 })
-            shard_samples.append((f"{scene.image_id:09d}", data, [caps[0], caps[2]], scene.image_id, rel))
+            shard_samples.append((f"{scene.image_id:09d}", data, caps, scene.image_id, rel))
         _write_json(corpus.karpathy_split_json(split), lavis)
         info = {"description": "qformer_lightning synthetic corpus", "version": "1"}
         _write_json(corpus.vqa_questions(split), {
