@@ -10,9 +10,14 @@ with targets ``[1] * B + [0] * 2B``; the matched/unmatched logit of a pair is th
 averaged over the Q query outputs.
 
 Positives: with image ids, every column sharing the row's image id (all captions of one image);
-without them, the row's own column ``rank * B + i``. The own column is always a positive.
+without them, the row's own column ``rank * B + i``. The own column is always a positive. With
+text ids (one per distinct caption string, e.g. ``data.batch.stable_id`` of the text) every
+column whose caption equals the row's caption is a positive too: a duplicate caption describes
+both images (web corpora repeat captions; the synthetic corpus repeats whole scenes), so mining
+it as a "hard negative" teaches the ITM head to call a true pair unmatched (the demo's head then
+stayed at the constant 1/3 guess).
 
-A row with no negative at all (every sample of the global batch shares its image id) still gets
+A row with no negative at all (every sample of the global batch shares its ids) still gets
 an index, so the 3B layout keeps its shape on every rank: uniformly at random one of the other
 columns (the own column if G == 1). That pair is *not* a true negative; :func:`has_negative`
 flags such rows, and :func:`itm_loss` leaves their negative pairs out when given the flags.
@@ -27,6 +32,13 @@ from torch import Tensor
 from qformer_lightning.losses.distributed import rank_and_world
 
 
+def _same(local: Tensor | None, global_: Tensor | None, device: torch.device) -> Tensor | None:
+    """(B, G) bool ``local[i] == global_[j]``, or ``None`` without ids."""
+    if local is None or global_ is None:
+        return None
+    return local.to(device)[:, None] == global_.to(device)[None, :]
+
+
 def _own_and_positive(
     batch: int,
     global_batch: int,
@@ -34,30 +46,47 @@ def _own_and_positive(
     image_ids_global: Tensor | None,
     rank: int,
     device: torch.device,
+    text_ids_local: Tensor | None = None,
+    text_ids_global: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(B, G) bool masks: the own column ``rank * B + i``, and all positives (own included)."""
+    """(B, G) bool masks: the own column ``rank * B + i``, and all positives (own included): the
+    same image id or, with text ids, the same caption."""
     own = F.one_hot(rank * batch + torch.arange(batch, device=device), global_batch).bool()  # (B, G)
-    if image_ids_local is None or image_ids_global is None:
-        return own, own
-    same = image_ids_local.to(device)[:, None] == image_ids_global.to(device)[None, :]  # (B, G)
-    return own, own | same
+    positives = own
+    for same in (_same(image_ids_local, image_ids_global, device), _same(text_ids_local, text_ids_global, device)):
+        if same is not None:
+            positives = positives | same
+    return own, positives
 
 
-def has_negative(image_ids_local: Tensor | None, image_ids_global: Tensor | None, global_batch: int) -> Tensor:
+def has_negative(
+    image_ids_local: Tensor | None,
+    image_ids_global: Tensor | None,
+    global_batch: int,
+    text_ids_local: Tensor | None = None,
+    text_ids_global: Tensor | None = None,
+) -> Tensor:
     """Whether each local sample has at least one true negative in the global batch.
 
     Args:
         image_ids_local: (B,) image ids, or ``None`` (then only the own column is positive).
         image_ids_global: (G,) image ids of all ranks in rank order, or ``None``.
         global_batch: G.
+        text_ids_local: (B,) caption ids (equal captions, equal ids), or ``None``.
+        text_ids_global: (G,) caption ids of all ranks in rank order, or ``None``.
 
     Returns:
-        (B,) bool (for ``None`` ids: shape (1,), broadcastable). The flag holds for both
-        directions, as image j and text j share an id.
+        (B,) bool (with neither kind of id: shape (1,), broadcastable). The flag holds for both
+        directions, as image j and text j share their ids.
     """
-    if image_ids_local is None or image_ids_global is None:
+    if image_ids_local is None and text_ids_local is None:
         return torch.full((1,), global_batch > 1, dtype=torch.bool)
-    return (image_ids_local[:, None] != image_ids_global.to(image_ids_local.device)[None, :]).any(dim=1)
+    local = image_ids_local if image_ids_local is not None else text_ids_local
+    positives = torch.zeros(local.shape[0], global_batch, dtype=torch.bool, device=local.device)  # (B, G)
+    for same in (_same(image_ids_local, image_ids_global, local.device), _same(text_ids_local, text_ids_global, local.device)):
+        if same is not None:
+            positives = positives | same
+    return (~positives).any(dim=1)
 
 
 def negative_weights(logits: Tensor, own: Tensor, positives: Tensor) -> Tensor:
@@ -94,6 +123,8 @@ def sample_hard_negatives(
     image_ids_global: Tensor | None = None,
     generator: torch.Generator | None = None,
     rank: int | None = None,
+    text_ids_local: Tensor | None = None,
+    text_ids_global: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One hard negative image per local text and one hard negative text per local image.
 
@@ -105,6 +136,9 @@ def sample_hard_negatives(
         generator: random generator on the logits' device (seed it for reproducible draws).
         rank: this rank (the local rows are global rows ``rank * B + i``); default: the
             process group's rank, 0 without one.
+        text_ids_local: (B,) caption ids (equal captions, equal ids), or ``None``: columns with the row's
+            caption are positives, never drawn.
+        text_ids_global: (G,) caption ids of all samples in rank order, or ``None``.
 
     Returns:
         ``(neg_image_index, neg_text_index)``, each (B,) int64 indices into the GLOBAL batch:
@@ -122,9 +156,14 @@ def sample_hard_negatives(
         raise ValueError(f"rank {rank} with local batch {batch} does not fit a global batch of {global_batch}")
     if (image_ids_local is None) != (image_ids_global is None):
         raise ValueError("give both image_ids_local and image_ids_global, or neither")
-    if image_ids_global is not None and image_ids_global.shape != (global_batch,):
-        raise ValueError(f"image_ids_global must have shape ({global_batch},), got {tuple(image_ids_global.shape)}")
-    own, positives = _own_and_positive(batch, global_batch, image_ids_local, image_ids_global, rank, sim_i2t.device)
+    if (text_ids_local is None) != (text_ids_global is None):
+        raise ValueError("give both text_ids_local and text_ids_global, or neither")
+    for name, ids in (("image_ids_global", image_ids_global), ("text_ids_global", text_ids_global)):
+        if ids is not None and ids.shape != (global_batch,):
+            raise ValueError(f"{name} must have shape ({global_batch},), got {tuple(ids.shape)}")
+    own, positives = _own_and_positive(
+        batch, global_batch, image_ids_local, image_ids_global, rank, sim_i2t.device, text_ids_local, text_ids_global
+    )
     with torch.no_grad():
         weights_t2i = negative_weights(sim_t2i, own, positives)  # (B, G) over images
         weights_i2t = negative_weights(sim_i2t, own, positives)  # (B, G) over texts

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from qformer_lightning.data.batch import stable_id
 from qformer_lightning.losses.distributed import all_gather_no_grad, all_gather_with_grad, pad_to_global_length
 from qformer_lightning.losses.itc import itc_loss
 from qformer_lightning.losses.itg import itg_loss
@@ -106,15 +107,20 @@ class Stage1(Blip2Task):
 
         # ITM: hard negatives from the (global) similarities; positives never picked.
         image_ids_all = itc.image_ids_all  # (G,)
-        neg_image, neg_text = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, image_ids, image_ids_all)
+        # a caption equal to the row's (another image of the same scene) is a positive, never a negative
+        text_ids = torch.tensor([stable_id(t) for t in batch["text"]], dtype=torch.long, device=self.device)  # (B,)
+        text_ids_all = all_gather_no_grad(text_ids)  # (G,)
+        neg_image, neg_text = sample_hard_negatives(
+            itc.sim_i2t, itc.sim_t2i, image_ids, image_ids_all, text_ids_local=text_ids, text_ids_global=text_ids_all
+        )
         embeds_all = all_gather_with_grad(image_embeds)  # (G, N, Dv)
         ids_all, mask_all = all_gather_no_grad(ids), all_gather_no_grad(mask)  # (G, T)
         itm_images = torch.cat([image_embeds, embeds_all[neg_image], image_embeds])  # (3B, N, Dv)
         itm_ids = torch.cat([ids, ids, ids_all[neg_text]])  # (3B, T)
         itm_mask = torch.cat([mask, mask, mask_all[neg_text]])
         logits = model.itm_logits(itm_images, itm_ids, itm_mask)  # (3B, 2)
-        # rows whose image appears everywhere in the global batch have no true negative: left out
-        valid = has_negative(image_ids, image_ids_all, image_ids_all.shape[0])
+        # rows whose image or caption appears everywhere in the global batch have no true negative: left out
+        valid = has_negative(image_ids, image_ids_all, image_ids_all.shape[0], text_ids, text_ids_all)
         itm = itm_loss(logits, itm_targets(ids.shape[0], device=logits.device), negative_valid=valid)
 
         # ITG: [DEC] replaces [CLS]; the text pass reuses the query pass's keys/values.

@@ -64,6 +64,32 @@ def test_sampler_never_picks_a_positive_with_duplicate_ids() -> None:
     assert neg_image.min() >= 0 and neg_image.max() < 6
 
 
+def test_sampler_never_picks_a_duplicate_caption() -> None:
+    """Different images with the same caption (repeated scenes, duplicate web captions) are positives:
+    neither the other image nor its caption is ever drawn as a negative."""
+    gen = torch.Generator().manual_seed(2)
+    image_ids = torch.tensor([0, 1, 2, 3, 4, 5])
+    text_ids = torch.tensor([7, 7, 8, 9, 8, 6])  # samples 0/1 and 2/4 share their caption
+    same_text = text_ids[:, None] == text_ids[None, :]
+    sim = torch.randn(6, 6, generator=gen) + 20.0 * same_text  # the duplicates are the "hardest"
+    picked = [
+        sample_hard_negatives(sim, sim.t().contiguous(), image_ids, image_ids, generator=gen,
+                              text_ids_local=text_ids, text_ids_global=text_ids)
+        for _ in range(300)
+    ]
+    neg_image = torch.stack([p[0] for p in picked])  # (300, B)
+    neg_text = torch.stack([p[1] for p in picked])
+    assert (text_ids[neg_image] != text_ids).all() and (text_ids[neg_text] != text_ids).all()
+    # without text ids the same draws pick the duplicates almost always (they are a true match)
+    neg_image, _ = sample_hard_negatives(sim, sim.t().contiguous(), image_ids, image_ids, generator=gen)
+    assert (text_ids[neg_image] == text_ids).sum() >= 3
+    # a row whose caption is everywhere else has no negative
+    assert has_negative(image_ids[:2], image_ids[:2], 2, text_ids[:2], text_ids[:2]).tolist() == [False, False]
+    assert has_negative(None, None, 3, text_ids[:2], text_ids[:3]).tolist() == [True, True]
+    with pytest.raises(ValueError, match="text_ids"):
+        sample_hard_negatives(sim, sim, text_ids_local=text_ids)
+
+
 def test_sampler_follows_softmax_and_direction() -> None:
     gen = torch.Generator().manual_seed(1)
     # one row, G = 3 columns; own column 0. i2t prefers text 1 (weights 3:1), t2i prefers image 2 (1:3)

@@ -220,11 +220,12 @@ class HardestNegatives(Callback):
         from qformer_lightning.losses import itm
         from qformer_lightning.tasks import stage1
 
-        def hardest(sim_i2t, sim_t2i, image_ids_local=None, image_ids_global=None, generator=None, rank=None):
+        def hardest(sim_i2t, sim_t2i, image_ids_local=None, image_ids_global=None, generator=None, rank=None,
+                    text_ids_local=None, text_ids_global=None):
             batch, global_batch = sim_i2t.shape
             rank = itm.rank_and_world()[0] if rank is None else rank
             own, positives = itm._own_and_positive(
-                batch, global_batch, image_ids_local, image_ids_global, rank, sim_i2t.device
+                batch, global_batch, image_ids_local, image_ids_global, rank, sim_i2t.device, text_ids_local, text_ids_global
             )
             with torch.no_grad():
                 weights_t2i = itm.negative_weights(sim_t2i, own, positives)
