@@ -37,7 +37,11 @@ class TimmVisionEncoder(nn.Module):
         image_size: input resolution; the position embeddings are built for it (and resampled
             from the checkpoint's grid when loading).
         pretrained: let timm load its own pretrained weights (needs its hub or cache).
-        checkpoint_path: a local timm-format state dict (``.pth``/``.safetensors``) to load instead.
+        checkpoint_path: a local timm-format state dict (``.pth``/``.safetensors``, e.g. an
+            EVA-CLIP visual tower or the demo's ``runs/demo/vit_pretrain/vit.safetensors``) to load
+            instead. Read by :meth:`load_weights`, which the task calls when it sets the model up
+            (``configure_model``, with its other weights), so that a config names a file a previous
+            step will write; a missing file or keys that do not fit are errors then.
         num_removed_blocks: blocks cut from the end (BLIP-2: 1, the second-last layer's output).
         ln_vision_eps: eps of ``ln_vision`` (LAVIS: 1e-5; Hugging Face checkpoints use the vision
             config's eps).
@@ -73,8 +77,6 @@ class TimmVisionEncoder(nn.Module):
             vit = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
         patch = vit.patch_embed.patch_size[0]
         check_image_size(image_size, patch, model_name, "vision.init_args.image_size")
-        if checkpoint_path is not None:
-            load_timm_checkpoint(vit, checkpoint_path)
         if not 0 <= num_removed_blocks < len(vit.blocks):
             raise ValueError(f"num_removed_blocks={num_removed_blocks} out of range for {len(vit.blocks)} blocks")
         if num_removed_blocks:
@@ -90,6 +92,9 @@ class TimmVisionEncoder(nn.Module):
         self.std = tuple(std)
         self.ln_vision = nn.LayerNorm(self.width, eps=ln_vision_eps)
         self.has_weight_source = pretrained or checkpoint_path is not None
+        self.checkpoint_path = checkpoint_path
+        self.num_removed_blocks = num_removed_blocks
+        self._weights_loaded = checkpoint_path is None
         self.frozen = frozen
         if frozen:
             self.vit.requires_grad_(False)
@@ -108,9 +113,26 @@ class TimmVisionEncoder(nn.Module):
             self.vit.eval()
         return self
 
+    def load_weights(self) -> None:
+        """Load ``checkpoint_path`` into the ViT, once (no-op without one or when already loaded).
+
+        The file holds the whole ViT in timm's key names: the blocks this encoder cut and the final
+        norm are skipped, position embeddings are resampled to ``image_size``.
+
+        Raises:
+            FileNotFoundError: the file does not exist (the message names the option).
+            ValueError: keys or shapes do not fit the model (named in the message).
+        """
+        if self._weights_loaded:
+            return
+        load_timm_checkpoint(self.vit, self.checkpoint_path, removed_blocks=self.num_removed_blocks)
+        self._weights_loaded = True
+
     def forward_vit(self, images: Tensor) -> Tensor:
         """ViT up to the kept blocks, no norm. (B, 3, H, W) -> (B, N, Dv)."""
         check_input_size(images.shape[-2], images.shape[-1], self.image_size)
+        if not self._weights_loaded:  # used outside a task (no configure_model): never run random weights
+            self.load_weights()
         images = images.to(self.vit.patch_embed.proj.weight.dtype)  # a frozen ViT may be cast to bf16/fp16
         if self.frozen:
             with torch.no_grad():
@@ -139,8 +161,14 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int 
     )
 
 
-def load_timm_checkpoint(vit: nn.Module, path: str | Path) -> None:
+def load_timm_checkpoint(vit: nn.Module, path: str | Path, removed_blocks: int = 0) -> None:
     """Load a local timm-format ViT state dict, resampling position embeddings to the model's grid.
+
+    Args:
+        vit: the timm ViT (possibly with its last blocks cut and its norm replaced).
+        path: ``.safetensors`` or a ``torch.save`` file (a state dict, or one under ``state_dict``/``model``).
+        removed_blocks: blocks cut from ``vit`` after the file's last kept block: their keys, and
+            the final ``norm.``/``fc_norm.``/``head.`` keys, are skipped.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -148,7 +176,10 @@ def load_timm_checkpoint(vit: nn.Module, path: str | Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"vision checkpoint not found: {path}")
+        raise FileNotFoundError(
+            f"vision checkpoint not found: {path} (model.vision.init_args.checkpoint_path; the demo's file is "
+            "written by `python -m qformer_lightning fit --config configs/demo/vit_pretrain.yaml`)"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -160,7 +191,12 @@ def load_timm_checkpoint(vit: nn.Module, path: str | Path) -> None:
     if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
         grid = vit.patch_embed.grid_size[0]
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], grid, getattr(vit, "num_prefix_tokens", 1))
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    kept = len(vit.blocks)
+    skipped = ("head.", "norm.", "fc_norm.", *(f"blocks.{i}." for i in range(kept, kept + removed_blocks)))
+    state = {k: v for k, v in state.items() if not k.startswith(skipped) or k in target}
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items() if k in target and v.shape != target[k].shape]
+    if shapes:
+        raise ValueError(f"vision checkpoint {path} does not fit: shape mismatch {shapes[:10]}")
     missing, unexpected = vit.load_state_dict(state, strict=False)
     unused = ("head.", "norm.", "fc_norm.")  # the final norm and head are removed anyway
     missing = [k for k in missing if not k.startswith(unused)]

@@ -153,10 +153,14 @@ class Blip2Task(pl.LightningModule):
         """Load pretrained/initial weights (subclasses); runs once, before any checkpoint restore."""
 
     def configure_model(self) -> None:
-        """Initial weights, frozen-part dtype and FSDP2 sharding, once per process."""
+        """Initial weights (the image encoder's ``checkpoint_path``, then :meth:`load_initial_weights`),
+        frozen-part dtype and FSDP2 sharding, once per process."""
         if self._model_configured:
             return
         self._model_configured = True
+        for module in self.modules():  # local image-encoder files first: a `pretrained` checkpoint may override them
+            if isinstance(module, TimmVisionEncoder):
+                module.load_weights()
         self.load_initial_weights()
         self.apply_freezing()
         self.cast_frozen()

@@ -1,5 +1,7 @@
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 
 from qformer_lightning.encoders.vision import TimmVisionEncoder, load_timm_checkpoint
 
@@ -38,10 +40,31 @@ def test_position_embedding_interpolation_from_checkpoint(tmp_path) -> None:
     path = tmp_path / "vit.pth"
     torch.save(small.vit.state_dict(), path)
     big = TimmVisionEncoder(image_size=42, checkpoint_path=str(path), num_removed_blocks=0, model_kwargs=TINY)
+    big.load_weights()
     assert big.vit.pos_embed.shape == (1, 1 + 9, 16) and big.num_tokens == 10
     torch.testing.assert_close(big.vit.pos_embed[:, 0], small.vit.pos_embed[:, 0])  # class token kept
     torch.testing.assert_close(big.vit.blocks[0].mlp.fc1.weight, small.vit.blocks[0].mlp.fc1.weight)
     assert big(torch.randn(1, 3, 42, 42)).shape == (1, 10, 16)
+
+
+def test_full_vit_file_loads_into_the_cut_encoder(tmp_path) -> None:
+    """A whole timm ViT (all blocks, final norm: what EVA-CLIP or the demo's pretraining saves) loads
+    into the encoder that keeps all but its last block; features equal the full ViT's second-last block."""
+    torch.manual_seed(0)
+    full = timm.create_model("eva_giant_patch14_clip_224", num_classes=0, img_size=28, **TINY)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+    enc = TimmVisionEncoder(image_size=28, checkpoint_path=str(path), num_removed_blocks=1, model_kwargs=TINY)
+    enc.load_weights()
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        x, _ = full._pos_embed(full.patch_embed(images))  # timm Eva returns (tokens, rope)
+        for block in full.blocks[:-1]:
+            x = block(x)
+        torch.testing.assert_close(enc.forward_vit(images), x)
+    wrong = dict(TINY, embed_dim=TINY["embed_dim"] * 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        TimmVisionEncoder(image_size=28, checkpoint_path=str(path), model_kwargs=wrong).load_weights()
 
 
 def test_bad_inputs_give_clear_errors(tmp_path) -> None:
@@ -50,8 +73,11 @@ def test_bad_inputs_give_clear_errors(tmp_path) -> None:
         enc(torch.randn(1, 3, 42, 42))
     with pytest.raises(ValueError, match="must be a multiple of its patch size"):
         TimmVisionEncoder(image_size=30, model_kwargs=TINY)
+    missing = TimmVisionEncoder(image_size=28, checkpoint_path=str(tmp_path / "missing.pth"), model_kwargs=TINY)
+    with pytest.raises(FileNotFoundError, match="vision checkpoint not found.*checkpoint_path"):
+        missing.load_weights()  # the file is read when the task sets the model up, not when the config is parsed
     with pytest.raises(FileNotFoundError, match="vision checkpoint not found"):
-        TimmVisionEncoder(image_size=28, checkpoint_path=str(tmp_path / "missing.pth"), model_kwargs=TINY)
+        missing(torch.randn(1, 3, 28, 28))  # never runs with random weights instead
     torch.save({"unrelated.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="does not fit"):
         load_timm_checkpoint(enc.vit, tmp_path / "bad.pth")
