@@ -99,8 +99,8 @@ class VQADataModule(ReplacementCounting):
             if not files or name in self._datasets:
                 continue
             questions = []
-            for f in files:
-                records = load_vqa(f.questions, f.annotations, f.format, f.image_template)
+            for f in files:  # training questions must have answers; every entry is checked here
+                records = load_vqa(f.questions, f.annotations, f.format, f.image_template, require_answers=name == "train")
                 if self.check_images:
                     check_image_files(f.image_root, [q.image for q in records])
                 questions.extend((f.image_root, q) for q in records)
