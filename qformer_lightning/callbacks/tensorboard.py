@@ -3,8 +3,11 @@
 Glossary: B batch, K examples shown, Q queries, E ITC width, S image side.
 
 - :class:`ValidationExamples`: at the first validation batch of each validation run, a stage-2
-  task (captioning, VQA too) runs its own ``predict_step`` on K samples of the batch (captions,
-  or answers to their questions); a stage-1/retrieval model
+  task (``Stage2``, ``Caption``, ``VQA``) runs its own ``predict_step`` on K samples of the batch
+  (captions, or answers to their questions: K more generations besides the validation step's,
+  with the same deterministic settings); the table shows what was asked (the VQA question, else
+  the prompt), the generated text and the reference (the caption, or the human answers with their
+  counts and the answer's VQA accuracy); a stage-1/retrieval model
   ranks the batch's images for K of its captions (ITC) and shows the top hits, a green frame
   on the true image, red on the others. Images go to ``add_image``, the texts to ``add_text``
   (a Markdown table). A no-op unless the trainer has a ``TensorBoardLogger``.
@@ -23,6 +26,8 @@ Both are added in YAML::
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,6 +37,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from qformer_lightning.encoders.vision import TimmVisionEncoder
+from qformer_lightning.metrics.vqa import vqa_accuracy
 from qformer_lightning.tasks.predict import batch_requests
 
 GREEN = (0.0, 0.8, 0.0)
@@ -123,11 +129,38 @@ def generated_text(record: dict[str, Any]) -> str:
     return json.dumps(record, default=str)
 
 
-def _reference(batch: dict[str, Any], i: int) -> str:
+def answer_counts(answers: Sequence[str]) -> str:
+    """Human answers with their counts, most frequent first (ties: first listed): ``"yellow ×8, orange ×2"``."""
+    return ", ".join(f"{answer} ×{count}" for answer, count in Counter(answers).most_common())
+
+
+def reference_text(batch: dict[str, Any], i: int) -> str:
+    """What sample ``i`` should have given: a VQA batch's human answers (counted), else its caption ``text``."""
     if "answers" in batch:
-        return ", ".join(batch["answers"][i])
+        return answer_counts(batch["answers"][i])
     text = batch.get("text")
     return text[i] if text is not None else ""
+
+
+def generation_rows(batch: dict[str, Any], records: Sequence[dict[str, Any]], task_prompt: str) -> tuple[list[str], list[list[Any]]]:
+    """The table of generated examples: header and one row per record.
+
+    Each row: the sample number, what was asked (a VQA question, else the LLM prompt, the request's
+    prompt or the task's prompt), the generated text and the reference (:func:`reference_text`); a
+    VQA batch (``answers``) adds the official accuracy of the generated answer (percent).
+    """
+    requests = batch_requests(batch, score_texts=False)
+    scored = "answers" in batch
+    header = ["#", "question / prompt", "generated", "reference"] + (["VQA acc"] if scored else [])
+    rows = []
+    for i, (request, record) in enumerate(zip(requests, records)):
+        asked = request.get("question") or record.get("llm_prompt") or request.get("prompt") or task_prompt
+        generated = generated_text(record)
+        row = [i, asked, generated, reference_text(batch, i)]
+        if scored:
+            row.append(f"{100 * vqa_accuracy(generated, batch['answers'][i]):.0f}")
+        rows.append(row)
+    return header, rows
 
 
 class ValidationExamples(pl.Callback):
@@ -183,12 +216,8 @@ class ValidationExamples(pl.Callback):
         step = trainer.global_step
         mean, std = self._norm(pl_module)
         writer.add_image(f"{self.tag}/images", make_grid(denormalize(head["image"], mean, std).cpu(), nrow=k, padding=2), step)
-        requests = batch_requests(head, score_texts=False)
-        rows = []
-        for i, (request, record) in enumerate(zip(requests, records)):
-            asked = request.get("question") or record.get("llm_prompt") or request.get("prompt") or pl_module.prompt
-            rows.append([i, asked, generated_text(record), _reference(head, i)])
-        writer.add_text(f"{self.tag}/generated", markdown_table(["#", "question / prompt", "generated", "reference"], rows), step)
+        header, rows = generation_rows(head, records, pl_module.prompt)
+        writer.add_text(f"{self.tag}/generated", markdown_table(header, rows), step)
 
     @torch.no_grad()
     def log_retrieval(self, trainer: pl.Trainer, pl_module: Any, batch: dict[str, Any], writer: Any) -> None:
