@@ -6,10 +6,12 @@ the human answers for VQA), equal to the task's own generation on those images."
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from finetune_tiny import BERT, IMAGE_SIZE, tiny_model
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,6 +25,11 @@ from qformer_lightning.tasks.base import Optimization
 from qformer_lightning.tasks.caption import Caption
 from qformer_lightning.tasks.vqa import VQA
 
+ROOT = Path(__file__).resolve().parents[2]
+PANEL_CONFIGS = [
+    "demo/caption.yaml", "demo/vqa.yaml", "caption_coco_opt2.7b.yaml", "caption_coco_flant5xl.yaml",
+    "vqav2_opt2.7b.yaml", "vqav2_opt6.7b.yaml", "vqav2_flant5xl.yaml",
+]
 K = 2
 STEPS = 2
 PAD = 2  # make_grid's padding
@@ -110,3 +117,15 @@ def test_human_answers_are_shown_with_their_counts(answers: list[str], shown: st
     from qformer_lightning.callbacks.tensorboard import answer_counts
 
     assert answer_counts(answers) == shown
+
+
+@pytest.mark.parametrize("name", PANEL_CONFIGS)
+def test_caption_and_vqa_finetune_configs_log_the_panels(name: str) -> None:
+    """Both callbacks are listed, and ModelCheckpoint stays last (``--trainer.callbacks.dirpath`` overrides the last entry)."""
+    trainer = yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]
+    paths = [c if isinstance(c, str) else c["class_path"] for c in trainer["callbacks"]]
+    assert "qformer_lightning.callbacks.GradNormMonitor" in paths
+    assert "qformer_lightning.callbacks.ValidationExamples" in paths
+    assert paths[-1] == "lightning.pytorch.callbacks.ModelCheckpoint"
+    logger = trainer.get("logger", True)  # Lightning's default logger is TensorBoard's when tensorboard is installed
+    assert logger is True or logger["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
