@@ -52,7 +52,8 @@ def test_checkpoint_holds_everything_but_the_frozen_vit(trained: tuple[Path, dic
 def test_restore_into_a_fresh_task_is_identical(trained: tuple[Path, dict, set], small_corpus: Path, vit_source: Path,
                                                  tmp_path: Path) -> None:
     path, ckpt, _ = trained
-    cli = _cli(small_corpus, tmp_path, vit_source, seed=123)  # another init: restoring must overwrite it
+    # another init (restoring must overwrite it); a changed seed_everything is a changed data layout
+    cli = _cli(small_corpus, tmp_path, vit_source, seed=123, extra=["--data.init_args.on_layout_change=fresh_epoch"])
     model = cli.model
     differs = [k for k, p in model.named_parameters() if p.requires_grad and not torch.equal(p, ckpt["state_dict"][k])]
     assert differs, "the fresh task already equals the checkpoint: the test would prove nothing"
