@@ -8,6 +8,10 @@
 - :func:`check_checkpoint_task`: a checkpoint written by another task (stage 1 in a stage-2 run):
   the CLI must check it before LightningCLI merges the checkpoint's hyperparameters into the
   config (that merge otherwise fails first, with a jsonargparse message about missing arguments).
+- :func:`check_checkpoint_file`: a checkpoint file that cannot be read at all (empty, truncated or
+  corrupt, not a torch file), given as ``ckpt_path`` or as a task's ``pretrained``: the message
+  names the path, what is wrong, and the newest intact checkpoint in the same directory (torch's
+  own message is an mmap or zip error that names neither).
 - :func:`check_image_size`: an image size the vision encoder cannot take (not a multiple of the
   patch size, or not the size the encoder is built for), with the option to change.
 
@@ -20,6 +24,8 @@ The other common mistakes already fail clearly where they happen (each message i
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,14 +137,114 @@ def task_mismatch_message(checkpoint_task: str, run_task: str) -> str:
     )
 
 
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+"""Suffixes of torch checkpoint files (searched for an intact sibling of a bad one)."""
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that cannot be read: empty, truncated or corrupt, or not a torch file."""
+
+
+def checkpoint_file_problem(path: str | Path) -> str | None:
+    """What makes the file at ``path`` unreadable as a torch checkpoint, read cheaply (its size, its
+    first bytes and its zip central directory); ``None`` when it looks intact.
+
+    torch writes a zip archive holding ``<name>/data.pkl``; a file cut short while being written
+    has no central directory (that comes last). A pre-1.6 (non-zip) torch file passes: only
+    loading it can tell.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x80"):
+        return None  # the legacy pickle format
+    if not zipfile.is_zipfile(path):
+        if head.startswith(b"PK\x03\x04"):
+            return f"is truncated or corrupt: a zip archive without its central directory ({size} bytes; cut off while being written?)"
+        return f"is not a torch checkpoint: not a zip archive (it starts with {head!r})"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        return f"is truncated or corrupt: its zip central directory cannot be read ({err})"
+    if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+        return f"is not a torch checkpoint: a zip archive without data.pkl (entries {names[:3]})"
+    return None
+
+
+def is_intact_checkpoint(path: str | Path) -> bool:
+    """Whether the file at ``path`` reads as a torch checkpoint: no :func:`checkpoint_file_problem`,
+    and ``torch.load`` with ``mmap=True`` (tensors are not read) unpickles its structure. A file that
+    a weights-only load refuses for its pickled objects counts as intact."""
+    import torch
+
+    try:
+        if checkpoint_file_problem(path) is not None:
+            return False
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read means "not intact"
+        return False
+    return True
+
+
+def newest_intact_sibling(path: str | Path) -> Path | None:
+    """The most recently written intact checkpoint file beside ``path`` (not ``path`` itself), if any.
+
+    Candidates are the directory's files with a suffix of :data:`CHECKPOINT_SUFFIXES`, newest
+    first (modification time, then name); the first intact one is returned.
+    """
+    path = Path(path)
+    try:
+        files = [p for p in path.parent.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()]
+    except OSError:
+        return None
+    files = [p for p in files if p.resolve() != path.resolve()]
+    files.sort(key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    return next((p for p in files if is_intact_checkpoint(p)), None)
+
+
+def check_checkpoint_file(path: str | Path, what: str = "checkpoint") -> None:
+    """Raise when the file at ``path`` cannot be a readable torch checkpoint; a path that is not a
+    file passes (the caller reports a missing file, or reads a directory).
+
+    Args:
+        path: the file.
+        what: what the file is, for the message ("checkpoint", "pretrained checkpoint").
+
+    Raises:
+        CheckpointFileError: naming the path, what is wrong (:func:`checkpoint_file_problem`) and
+            the newest intact checkpoint in the same directory (:func:`newest_intact_sibling`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    problem = checkpoint_file_problem(path)
+    if problem is None:
+        return
+    sibling = newest_intact_sibling(path)
+    hint = (
+        f"the newest intact checkpoint in the same directory is {str(sibling)!r}: pass that one instead"
+        if sibling is not None
+        else f"no intact checkpoint is in {str(path.parent)!r}"
+    )
+    raise CheckpointFileError(f"{what} {str(path)!r} {problem}; {hint}")
+
+
 def check_checkpoint_task(ckpt_path: str | Path, model_class_path: str) -> None:
-    """Raise when the checkpoint at ``ckpt_path`` was written by another task than ``model_class_path``.
+    """Raise when the checkpoint at ``ckpt_path`` cannot be read (:func:`check_checkpoint_file`) or
+    was written by another task than ``model_class_path``.
 
     Tasks are compared by class name, as ``Blip2Task.on_load_checkpoint`` does. A checkpoint
     without qformer_lightning's entry, or a path that is not a file, passes (the checkpoint
     loader reports those).
 
     Raises:
+        CheckpointFileError: an empty, truncated or corrupt file, or not a torch file.
         ValueError: the checkpoint's task differs (:func:`task_mismatch_message`).
     """
     import torch
@@ -146,6 +252,7 @@ def check_checkpoint_task(ckpt_path: str | Path, model_class_path: str) -> None:
     path = Path(ckpt_path)
     if not path.is_file():
         return
+    check_checkpoint_file(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     meta = checkpoint.get("qformer_lightning") if isinstance(checkpoint, dict) else None
     if not meta or "task" not in meta:

@@ -14,6 +14,7 @@ import torch
 
 from qformer_lightning.convert.parts import VisionQFormer
 from qformer_lightning.convert.report import CheckpointError, ConversionReport
+from qformer_lightning.errors import check_checkpoint_file
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.nn.qformer import QFormer
 
@@ -81,6 +82,7 @@ def load_pretrained(
     from qformer_lightning.convert import lavis, native
 
     trust = bool(kwargs.pop("trust_pickle", False))
+    check_checkpoint_file(source, "pretrained checkpoint")
     try:
         obj = torch.load(source, map_location="cpu", weights_only=not trust)
     except Exception as err:  # pickle.UnpicklingError and friends: say what to do

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from qformer_lightning.convert.report import CheckpointError, ConversionReport, resample_grid_pos_embed
+from qformer_lightning.errors import check_checkpoint_file
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 
 __all__ = ["copy_matching", "finish_report", "load_into", "load_lightning_into", "read_lightning_state", "resample_vit_pos_embed"]
@@ -87,11 +88,13 @@ def read_lightning_state(path: str | Path) -> tuple[dict[str, Tensor], Conversio
 
     Raises:
         FileNotFoundError: no such file.
+        CheckpointFileError: an empty, truncated or corrupt file, or not a torch file.
         CheckpointError: a ``.ckpt`` that this project did not write.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    check_checkpoint_file(path, "pretrained checkpoint")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     meta = checkpoint.get("qformer_lightning") if isinstance(checkpoint, dict) else None
     if meta is None or "state_dict" not in checkpoint:

@@ -41,6 +41,7 @@ from qformer_lightning.convert.modules import EVA_MODEL_NAME, build_vision, chec
 from qformer_lightning.convert.parts import VisionQFormer
 from qformer_lightning.convert.report import CheckpointError, ConversionReport, load_checked
 from qformer_lightning.encoders.vision import TimmVisionEncoder
+from qformer_lightning.errors import check_checkpoint_file
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.nn.qformer import QFormer
 
@@ -118,11 +119,13 @@ def read_lavis_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[
 
     Raises:
         FileNotFoundError: no such file.
+        CheckpointFileError: an empty, truncated or corrupt file, or not a torch file.
         CheckpointError: the file holds objects a weights-only load refuses, or no state dict.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
+    check_checkpoint_file(path, "LAVIS checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
