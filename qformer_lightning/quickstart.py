@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qformer_lightning.cli import Blip2CLI
+from qformer_lightning.preflight import require_quickstart
 
 ROOT = Path(__file__).resolve().parents[1]
+LOG_FILE = "runs/demo/quickstart.log"
+"""Where the details go (library logs, warnings, loader reports); the console shows one line per step."""
 
 
 @dataclass(frozen=True)
@@ -65,16 +68,30 @@ STEPS: tuple[Step, ...] = (
 
 
 def run_step(step: Step, extra: list[str]) -> dict[str, float]:
-    """Fit (and test) one step in this process; returns the final logged metrics."""
+    """Fit (and test) one step in this process; returns the final logged metrics.
+
+    A step that fails before its first training step leaves no empty log directory behind.
+    """
+    from qformer_lightning.cli import Blip2CLI  # after the preflight: it imports torch, Lightning, ...
+    from qformer_lightning.console import remove_unused_log_dirs
+
     args = ["--config", str(ROOT / step.config), *extra]
     if step.pretrained is not None:
         args.append(f"--model.init_args.pretrained={step.pretrained}")
-    cli = Blip2CLI(args=args, run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-    if step.test:
-        for result in cli.trainer.test(cli.model, datamodule=cli.datamodule):
-            metrics.update({k: float(v) for k, v in result.items()})
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when args come both ways
+    try:
+        cli = Blip2CLI(args=args, run=False)
+    finally:
+        sys.argv = argv
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
+        if step.test:
+            for result in cli.trainer.test(cli.model, datamodule=cli.datamodule):
+                metrics.update({k: float(v) for k, v in result.items()})
+    except BaseException:
+        remove_unused_log_dirs(cli.trainer.loggers, cli.trainer.global_step)
+        raise
     return metrics
 
 
@@ -90,25 +107,49 @@ def format_table(rows: list[tuple[str, dict[str, float], float]], shows: dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m qformer_lightning.quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", help="run only these steps (names as in the table, e.g. 'stage 1')")
+    parser.add_argument("--verbose", action="store_true", help=f"print every log line and warning here instead of in {LOG_FILE}")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="intra-op CPU threads (default 1: with 2, reductions may round differently between runs and the "
+        "figures drift; the data loader workers use the other cores)",
+    )
     parser.add_argument("extra", nargs="*", help="CLI overrides applied to every step, e.g. --trainer.max_steps=5")
     opts, unknown = parser.parse_known_args(argv)
     extra = [*opts.extra, *unknown]
-    rows = []
+    steps = [step for step in STEPS if not opts.only or step.name in opts.only]
+    if opts.only and len(steps) != len(opts.only):
+        parser.error(f"--only: unknown step(s) {sorted(set(opts.only) - {s.name for s in STEPS})}; steps: {[s.name for s in STEPS]}")
+    require_quickstart([step.config for step in steps])  # missing packages/weights/Java: fail now, with the fix
+
+    import torch
+
+    from qformer_lightning.console import details_to_file
+
+    torch.set_num_threads(opts.threads)
     os.chdir(ROOT)  # the demo configs use paths relative to the repository (data/, runs/)
-    for step in STEPS:
-        if opts.only and step.name not in opts.only:
-            continue
+    rows = []
+    log_file = Path(LOG_FILE)
+    print(f"qformer_lightning quickstart: {len(steps)} steps; details in {ROOT / log_file}", flush=True)
+    for step in steps:
         print(f"\n=== {step.name}: {step.config} ===", flush=True)
         start = time.perf_counter()
-        metrics = run_step(step, extra)
-        rows.append((step.name, metrics, time.perf_counter() - start))
+        if opts.verbose:
+            metrics = run_step(step, extra)
+        else:
+            with details_to_file(log_file, append=bool(rows)):
+                metrics = run_step(step, extra)
+        seconds = time.perf_counter() - start
+        rows.append((step.name, metrics, seconds))
+        print(f"{step.name}: done in {seconds / 60:.1f} min", flush=True)
     print("\n" + format_table(rows, {s.name: s.show for s in STEPS}))
     print(
         "\nTensorBoard logs: runs/demo (tensorboard --logdir runs/demo)"
         "\nCheckpoints:      runs/demo/<step>/checkpoints/last.ckpt"
         "\nSynthetic corpus: data/synthetic"
+        f"\nDetails (logs, warnings): {log_file}"
+        f"\nquickstart finished: {len(rows)} steps"
     )
 
 
