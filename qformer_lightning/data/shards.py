@@ -202,7 +202,7 @@ def split_name(name: str) -> tuple[str, str] | None:
 
 
 def iter_tar_samples(
-    fileobj: IO[bytes], start: int = 0, seekable: bool = False
+    fileobj: IO[bytes], start: int = 0, seekable: bool = False, expected: int | None = None, url: str = "<tar>"
 ) -> Iterator[tuple[int, str, dict[str, bytes]] | TruncatedAt]:
     """Yield ``(ordinal, key, {ext: bytes})`` for the samples of a tar, from ordinal ``start``.
 
@@ -210,17 +210,30 @@ def iter_tar_samples(
     without reading their data. If the tar breaks, yields one :class:`TruncatedAt` (the sample in
     progress is lost) and stops. A tar that simply ends early just stops (the caller compares the
     count with the stats file).
+
+    Args:
+        fileobj: the tar, opened for binary reading.
+        start: the first ordinal to yield.
+        seekable: ``fileobj`` can seek (members are then skipped without reading them).
+        expected: the shard's sample count per its stats file. A tar holding more samples yields
+            only the first ``expected``; the rest are counted (headers only) before the last
+            expected sample is yielded and reported once per shard (:func:`report_uncounted`).
+        url: the shard, for that report.
     """
     ordinal, key, members = -1, None, {}
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|")
-        for info in tar:
-            if not info.isfile():
-                continue
-            parts = split_name(info.name)
+        infos = iter(tar)
+        for info in infos:
+            parts = split_name(info.name) if info.isfile() else None
             if parts is None:
                 continue
             if parts[0] != key:
+                if expected is not None and ordinal + 1 == expected and key is not None:
+                    report_uncounted(url, expected, expected + 1 + _count_samples(infos, parts[0]))
+                    if ordinal >= start:
+                        yield ordinal, key, members
+                    return
                 if key is not None and ordinal >= start:
                     yield ordinal, key, members
                 ordinal, key, members = ordinal + 1, parts[0], {}
@@ -230,3 +243,33 @@ def iter_tar_samples(
             yield ordinal, key, members
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         yield TruncatedAt(max(ordinal, 0), f"{type(err).__name__}: {err}")
+
+
+def _count_samples(infos: Iterator[tarfile.TarInfo], key: str) -> int:
+    """Samples among the remaining members ``infos`` of a tar, after the one of ``key`` (headers only;
+    a tar that breaks ends the count)."""
+    count = 0
+    try:
+        for info in infos:
+            parts = split_name(info.name) if info.isfile() else None
+            if parts is not None and parts[0] != key:
+                count, key = count + 1, parts[0]
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        pass
+    return count
+
+
+_REPORTED_UNCOUNTED: set[str] = set()
+
+
+def report_uncounted(url: str, stats_count: int, tar_count: int) -> None:
+    """Warn, once per shard and process, that a tar holds more samples than its stats file says
+    (the extra ones are never read: an epoch is planned from the stats files)."""
+    if url in _REPORTED_UNCOUNTED:
+        return
+    _REPORTED_UNCOUNTED.add(url)
+    log.warning(
+        "shard %s holds %d samples but its stats file %s says %d: the %d samples after the first %d are "
+        "skipped (correct the stats file's 'successes' to read them)",
+        url, tar_count, stats_url(url) if ".tar" in url else "(none)", stats_count, tar_count - stats_count, stats_count,
+    )
