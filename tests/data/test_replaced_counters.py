@@ -1,22 +1,19 @@
 """The bad-sample counters a task logs are the true running counts, in TensorBoard and in checkpoints,
-also across a resume; a shard whose stats file under-counts its tar is reported once."""
+also across a resume."""
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_bad_input import BAD, _dm, _good, _write_shard, bad_shard  # noqa: F401 (bad_shard: fixture)
+from test_bad_input import BAD, bad_shard  # noqa: F401 (bad_shard: fixture)
 
-from qformer_lightning.data import shards
 from qformer_lightning.data.shard_datamodule import ShardDataModule, ShardSource
 from qformer_lightning.tasks.base import Blip2Task, Optimization
 
