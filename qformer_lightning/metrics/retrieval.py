@@ -19,8 +19,12 @@ True captions of the same image never push each other down (only the best one ma
 practice ties come from the fill value of the candidates left out of ITM re-ranking (BLIP fills
 them with -100); they cannot change R@1/5/10 as long as at least 10 candidates were re-ranked.
 
-Computation is dense on tensors: ranks are comparison counts over row blocks of the score
-matrix (no per-query Python loop), on the scores' device.
+Computation is on tensors: ranks are comparison counts (no per-query Python loop), on the
+scores' device. :func:`retrieval_ranks` takes dense score matrices (in row blocks);
+:func:`candidate_ranks` takes only each query's scored candidates, the other items of its row
+holding one fill value (the ITM re-ranked scores of
+:mod:`qformer_lightning.tasks.retrieval_eval`, which never builds the (I, X) matrices). Both
+count with :func:`count_above`, so they agree exactly on the same scores.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["RECALL_CUTOFFS", "retrieval_metrics", "retrieval_ranks"]
+__all__ = [
+    "RECALL_CUTOFFS",
+    "candidate_ranks",
+    "captions_per_image",
+    "count_above",
+    "recall_metrics",
+    "retrieval_metrics",
+    "retrieval_ranks",
+]
 
 RECALL_CUTOFFS = (1, 5, 10)
 TiePolicy = Literal["pessimistic", "optimistic"]
@@ -64,6 +76,74 @@ def _text_gt_mask(img2txt: Sequence[Sequence[int]], num_texts: int, device: torc
     return mask.to(device)
 
 
+def count_above(scores: Tensor, exclude: Tensor, best: Tensor, ties: TiePolicy) -> Tensor:
+    """Per row, how many non-excluded items outrank the row's best true score.
+
+    Args:
+        scores: (R, C) scores.
+        exclude: (R, C) bool, items not counted (the true items of the row).
+        best: (R,) the score of the row's best true item.
+        ties: ``"pessimistic"`` counts items with ``score >= best``; ``"optimistic"`` only ``score > best``.
+
+    Returns:
+        (R,) int64 counts.
+    """
+    above = scores >= best[:, None] if ties == "pessimistic" else scores > best[:, None]  # (R, C)
+    return (above & ~exclude).sum(dim=1)
+
+
+def candidate_ranks(
+    scores: Tensor, is_true: Tensor, true_outside: Tensor, num_items: int, fill: float, ties: TiePolicy = "pessimistic"
+) -> Tensor:
+    """0-based rank of each query's best true item when only its candidates were scored.
+
+    Every item of a row that is not among its C candidates scores ``fill``. The result equals
+    :func:`retrieval_ranks` on the dense (R, num_items) row holding the candidates' scores and
+    ``fill`` elsewhere.
+
+    Args:
+        scores: (R, C) scores of each query's candidates.
+        is_true: (R, C) bool, the candidate is a true item of the query.
+        true_outside: (R,) int64, true items of the query that are not among its candidates.
+        num_items: items per row (X for image queries, I for text queries); at least C.
+        fill: score of the items outside the candidates.
+        ties: see the module docstring.
+
+    Returns:
+        (R,) int64 ranks.
+    """
+    if ties not in ("pessimistic", "optimistic"):
+        raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
+    if scores.shape != is_true.shape or true_outside.shape != scores.shape[:1] or num_items < scores.shape[1]:
+        raise ValueError(
+            f"need scores and is_true (R, C) with C <= num_items and true_outside (R,), got {tuple(scores.shape)}, "
+            f"{tuple(is_true.shape)}, {tuple(true_outside.shape)}, num_items {num_items}"
+        )
+    if torch.isnan(scores).any():
+        raise ValueError("candidate scores contain NaN; ranks would be undefined")
+    fill_t = scores.new_tensor(fill)
+    best = scores.masked_fill(~is_true, float("-inf")).amax(dim=1)  # (R,)
+    best = torch.where(true_outside > 0, torch.maximum(best, fill_t), best)  # a true item left outside scores fill
+    wrong_outside = num_items - scores.shape[1] - true_outside  # (R,)
+    fill_counts = fill_t >= best if ties == "pessimistic" else fill_t > best  # (R,)
+    return count_above(scores, is_true, best, ties) + wrong_outside * fill_counts
+
+
+def captions_per_image(txt2img: Tensor, num_images: int) -> Tensor:
+    """(I,) number of texts of each image, from ``txt2img`` (X,).
+
+    Raises:
+        ValueError: an index outside [0, I), or an image without a caption (its rank is undefined).
+    """
+    if txt2img.ndim != 1 or (len(txt2img) and (txt2img.min() < 0 or txt2img.max() >= num_images)):
+        raise ValueError(f"txt2img must be a (X,) tensor of image indices in [0, {num_images})")
+    counts = torch.bincount(txt2img, minlength=num_images)  # (I,)
+    empty = (counts == 0).nonzero().squeeze(1)
+    if len(empty):
+        raise ValueError(f"img2txt lists no caption for image(s) {empty[:10].tolist()} (of {len(empty)})")
+    return counts
+
+
 @torch.no_grad()
 def retrieval_ranks(
     score_i2t: Tensor,
@@ -72,7 +152,7 @@ def retrieval_ranks(
     score_t2i: Tensor | None = None,
     ties: TiePolicy = "pessimistic",
 ) -> tuple[Tensor, Tensor]:
-    """0-based ranks of the ground truth in both directions.
+    """0-based ranks of the ground truth in both directions, from dense score matrices.
 
     Args:
         score_i2t: (I, X) image-to-text scores (higher = more similar).
@@ -104,7 +184,6 @@ def retrieval_ranks(
         raise ValueError(f"txt2img must have shape ({num_texts},), got {tuple(txt2img.shape)}")
     if (txt2img.min() < 0 or txt2img.max() >= num_images):
         raise ValueError(f"txt2img holds image indices outside [0, {num_images})")
-    pessimistic = ties == "pessimistic"
 
     # Image -> text: compare every text with the best true caption of its row.
     gt_mask = _text_gt_mask(img2txt, num_texts, device)  # (I, X)
@@ -112,26 +191,44 @@ def retrieval_ranks(
     for start in range(0, num_images, _ROW_BLOCK):
         rows = slice(start, start + _ROW_BLOCK)
         scores, is_true = score_i2t[rows], gt_mask[rows]  # (b, X)
-        best_true = scores.masked_fill(~is_true, float("-inf")).amax(dim=1, keepdim=True)  # (b, 1)
-        above = scores >= best_true if pessimistic else scores > best_true  # (b, X)
-        text_ranks[rows] = (above & ~is_true).sum(dim=1)
+        no_outside = torch.zeros(len(scores), dtype=torch.long, device=device)
+        text_ranks[rows] = candidate_ranks(scores, is_true, no_outside, num_texts, float("-inf"), ties)
 
     # Text -> image: one true image per text.
     image_ranks = torch.empty(num_texts, dtype=torch.long, device=score_t2i.device)
+    images = torch.arange(num_images, device=score_t2i.device)
     for start in range(0, num_texts, _ROW_BLOCK):
         rows = slice(start, start + _ROW_BLOCK)
         scores = score_t2i[rows]  # (b, I)
-        true_score = scores.gather(1, txt2img[rows, None])  # (b, 1)
-        if pessimistic:
-            image_ranks[rows] = (scores >= true_score).sum(dim=1) - 1  # minus the true image itself
-        else:
-            image_ranks[rows] = (scores > true_score).sum(dim=1)
+        is_true = images[None, :] == txt2img[rows, None]  # (b, I)
+        no_outside = torch.zeros(len(scores), dtype=torch.long, device=scores.device)
+        image_ranks[rows] = candidate_ranks(scores, is_true, no_outside, num_images, float("-inf"), ties)
     return text_ranks, image_ranks
 
 
 def _recall(ranks: Tensor, cutoff: int) -> float:
     """Percent of ranks below ``cutoff``."""
     return 100.0 * (ranks < cutoff).double().mean().item()
+
+
+def recall_metrics(text_ranks: Tensor, image_ranks: Tensor) -> dict[str, float]:
+    """TR@1/5/10 and IR@1/5/10 in percent from 0-based ranks, with their means.
+
+    Args:
+        text_ranks: (I,) rank of each image's best true caption (ranks at or above the largest
+            cut-off may be capped there: the figures only ask ``rank < K``).
+        image_ranks: (X,) rank of each text's true image.
+
+    Returns:
+        ``txt_r1 txt_r5 txt_r10 txt_r_mean img_r1 img_r5 img_r10 img_r_mean r_mean`` as floats.
+    """
+    result: dict[str, float] = {}
+    for prefix, ranks in (("txt", text_ranks), ("img", image_ranks)):
+        recalls = [_recall(ranks, k) for k in RECALL_CUTOFFS]
+        result.update({f"{prefix}_r{k}": r for k, r in zip(RECALL_CUTOFFS, recalls)})
+        result[f"{prefix}_r_mean"] = sum(recalls) / len(recalls)
+    result["r_mean"] = (result["txt_r_mean"] + result["img_r_mean"]) / 2
+    return result
 
 
 def retrieval_metrics(
@@ -149,11 +246,4 @@ def retrieval_metrics(
     Returns:
         ``txt_r1 txt_r5 txt_r10 txt_r_mean img_r1 img_r5 img_r10 img_r_mean r_mean`` as floats.
     """
-    text_ranks, image_ranks = retrieval_ranks(score_i2t, txt2img, img2txt, score_t2i, ties)
-    result: dict[str, float] = {}
-    for prefix, ranks in (("txt", text_ranks), ("img", image_ranks)):
-        recalls = [_recall(ranks, k) for k in RECALL_CUTOFFS]
-        result.update({f"{prefix}_r{k}": r for k, r in zip(RECALL_CUTOFFS, recalls)})
-        result[f"{prefix}_r_mean"] = sum(recalls) / len(recalls)
-    result["r_mean"] = (result["txt_r_mean"] + result["img_r_mean"]) / 2
-    return result
+    return recall_metrics(*retrieval_ranks(score_i2t, txt2img, img2txt, score_t2i, ties))

@@ -11,8 +11,9 @@ decay (``optim.layer_decay``) and, for ViT-g, activation checkpointing (the enco
 
 Evaluation (``validate``/``test``): each step stores its images' ViT features and ITC features
 (:class:`~qformer_lightning.tasks.retrieval_eval.EvalImageCache`); at the end of the epoch the
-split's texts are embedded (split across ranks), the ITC similarity matrix is built, and the
-top-k candidates of every image and text are re-scored with ITM
+split's texts are embedded (split across ranks), the ITC similarity is read in image blocks
+keeping each image's and text's top-k (:func:`~qformer_lightning.tasks.retrieval_eval.itc_topk`,
+never the (I, X) matrix), and those candidates are re-scored with ITM
 (:func:`~qformer_lightning.tasks.retrieval_eval.rerank`): score = ITM matched logit + ITC.
 Logged: ``{split}/txt_r1 .. txt_r10, txt_r_mean, img_r1 .. img_r10, img_r_mean, r_mean`` and
 the ITC-only figures under ``{split}/itc_*``.
@@ -31,10 +32,18 @@ from torch import Tensor
 
 from qformer_lightning.convert.report import ConversionReport
 from qformer_lightning.losses.distributed import rank_and_world
-from qformer_lightning.metrics.retrieval import retrieval_metrics
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.tasks.base import FrozenDtype, NonFinitePolicy, Optimization
-from qformer_lightning.tasks.retrieval_eval import EvalImageCache, RerankedScores, gather_concat, itc_similarity, rerank
+from qformer_lightning.tasks.retrieval_eval import (
+    EvalImageCache,
+    ItcTopK,
+    RerankedScores,
+    gather_concat,
+    itc_blocks,
+    itc_similarity,
+    itc_topk,
+    rerank,
+)
 from qformer_lightning.tasks.stage1 import Stage1
 
 
@@ -44,18 +53,27 @@ class RetrievalResult:
 
     Attributes:
         metrics: ITM re-ranked TR/IR@1/5/10 and means (percent), then ``itc_*`` (ITC only).
-        sim: (I, X) ITC similarities.
-        scores: the re-ranked score matrices.
+        itc: each image's and text's ITC top-k and the ITC ranks.
+        scores: the re-ranked candidates' scores.
         image_index: (I,) dataset positions of the evaluated images (all, unless a run saw
             only part of the split, e.g. ``limit_val_batches``).
         text_index: (X,) dataset positions of their texts.
+        image_feats: (I, Q, E) ITC features of the evaluated images.
+        text_feats: (X, E) ITC features of their texts.
     """
 
     metrics: dict[str, float]
-    sim: Tensor
+    itc: ItcTopK
     scores: RerankedScores
     image_index: Tensor
     text_index: Tensor
+    image_feats: Tensor
+    text_feats: Tensor
+
+    @property
+    def sim(self) -> Tensor:
+        """(I, X) ITC similarities, recomputed from the features: small splits and tests only."""
+        return itc_similarity(self.image_feats, self.text_feats)
 
 
 class Retrieval(Stage1):
@@ -225,7 +243,8 @@ class Retrieval(Stage1):
         Args:
             texts: X captions of the split.
             txt2img: (X,) image index of each text.
-            img2txt: I lists of text indices.
+            img2txt: I lists of text indices (the dataset's inverse of ``txt2img``; only its length
+                is read: an image's true texts are those whose ``txt2img`` names it).
         """
         images = self.eval_cache.gather(len(img2txt), self.device)
         seen = images.seen.cpu()
@@ -236,14 +255,12 @@ class Retrieval(Stage1):
             rank_zero_warn(f"retrieval evaluation over the {len(image_index)} of {len(img2txt)} images that were embedded")
         new_image = torch.full((len(img2txt),), -1, dtype=torch.long)
         new_image[image_index] = torch.arange(len(image_index))
-        new_text = torch.full((len(texts),), -1, dtype=torch.long)
-        new_text[text_index] = torch.arange(len(text_index))
-        sub_txt2img = new_image[torch.as_tensor(txt2img, dtype=torch.long)[text_index]]
-        sub_img2txt = [new_text[torch.as_tensor(img2txt[i], dtype=torch.long)].tolist() for i in image_index.tolist()]
+        sub_txt2img = new_image[torch.as_tensor(txt2img, dtype=torch.long)[text_index]]  # (X',)
 
         text_feats, ids, mask = self.embed_texts([texts[j] for j in text_index.tolist()])
         image_rows = image_index.to(self.device)
-        sim = itc_similarity(images.feats[image_rows], text_feats)  # (I', X')
+        image_feats = images.feats if len(image_index) == len(img2txt) else images.feats[image_rows]  # (I', Q, E)
+        itc = itc_topk(itc_blocks(image_feats, text_feats), len(image_index), len(text_index), self.k, sub_txt2img)
         local_row = images.local_row[image_rows]  # (I',)
 
         def score_pairs(image: Tensor, text: Tensor) -> Tensor:
@@ -254,7 +271,7 @@ class Retrieval(Stage1):
                 logits = self.model.itm_logits(embeds, ids[text], mask[text])  # (b, 2)
             return logits[:, 1].float()
 
-        scores = rerank(sim, self.k, score_pairs, images.owner[image_rows], self.itm_batch_size)
-        metrics = retrieval_metrics(scores.i2t, sub_txt2img, sub_img2txt, scores.t2i)
-        metrics.update({f"itc_{name}": value for name, value in retrieval_metrics(sim, sub_txt2img, sub_img2txt).items()})
-        return RetrievalResult(metrics, sim, scores, image_index, text_index)
+        scores = rerank(itc, self.k, score_pairs, images.owner[image_rows], self.itm_batch_size)
+        metrics = scores.metrics(sub_txt2img)
+        metrics.update({f"itc_{name}": value for name, value in itc.metrics().items()})
+        return RetrievalResult(metrics, itc, scores, image_index, text_index, image_feats, text_feats)

@@ -7,16 +7,23 @@ Protocol (ALBEF / BLIP / BLIP-2, LAVIS ``compute_sim_matrix``):
 
 1. ITC similarity ``sim[i, x]`` = max over the Q query features of image i of the cosine with
    text x's [CLS] feature (no temperature).
-2. Each image keeps its top-k texts, each text its top-k images (k = 128 in the paper).
+2. Each image keeps its top-k texts, each text its top-k images (k = 128 in the paper); equal
+   similarities at the k-th place go to the lower index (:func:`stable_topk`).
 3. Each candidate pair is re-scored: ``score = ITM matched logit + sim``. Pairs outside a query's
    top-k get ``-inf`` (LAVIS: -100; only the order matters, and -inf is below every score).
+
+Memory: the (I, X) matrices are never built (5k x 25k COCO: 0.5 GB each in fp32, and the dense
+protocol needs several). :func:`itc_topk` reads the similarity in image blocks
+(:func:`itc_blocks`) and keeps each query's top-k and the ITC ranks of the ground truth;
+:func:`rerank` keeps the candidates' scores; the recalls come from those lists
+(:func:`~qformer_lightning.metrics.retrieval.candidate_ranks`) and equal the dense ones exactly.
 
 Vectorised and split across ranks: the candidates of both directions form one set of pairs (a
 pair that is a candidate in both directions is scored once: in evaluation the ITM logit does
 not depend on the direction). Each pair is scored by the rank that holds its image's ViT
 features (:class:`EvalImageCache`), so the large (N, Dv) image features never travel between
 ranks; only the small ITC features, the pair indices and the scores are gathered. Every rank
-then holds the same score matrices. Each rank makes the same number of model calls (shorter
+then holds the same candidate scores. Each rank makes the same number of model calls (shorter
 ranks repeat a pair and drop the result), as sharded strategies (FSDP) require.
 
 :class:`ItcRetrievalMetric` is the light ITC-only version for pair-wise validation sets
@@ -26,7 +33,7 @@ ranks repeat a pair and drop the result), as sharded strategies (FSDP) require.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,18 +43,30 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from qformer_lightning.losses.distributed import rank_and_world
-from qformer_lightning.metrics.retrieval import retrieval_metrics
+from qformer_lightning.metrics.retrieval import (
+    RECALL_CUTOFFS,
+    TiePolicy,
+    candidate_ranks,
+    captions_per_image,
+    count_above,
+    recall_metrics,
+)
 
 __all__ = [
     "EvalImageCache",
     "GatheredImages",
     "ItcRetrievalMetric",
+    "ItcTopK",
     "RerankedScores",
     "candidate_masks",
+    "dense_blocks",
     "gather_concat",
+    "itc_blocks",
     "itc_similarity",
+    "itc_topk",
     "max_over_ranks",
     "rerank",
+    "stable_topk",
 ]
 
 PairScorer = Callable[[Tensor, Tensor], Tensor]
@@ -84,12 +103,8 @@ class ItcRetrievalMetric(Metric):
         first = torch.full((len(unique_ids),), len(image_ids), dtype=torch.long, device=image_ids.device)
         first.scatter_reduce_(0, txt2img, torch.arange(len(image_ids), device=image_ids.device), reduce="amin")
         images = image_feats[first]  # (I, Q, E): one feature set per distinct image
-        scores = itc_similarity(images, text_feats)  # (I, M)
-        img2txt = [[] for _ in range(len(unique_ids))]
-        for text_index, image_index in enumerate(txt2img.tolist()):
-            img2txt[image_index].append(text_index)
-        metrics = retrieval_metrics(scores, txt2img, img2txt)
-        return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}
+        itc = itc_topk(itc_blocks(images, text_feats), len(unique_ids), len(image_ids), 1, txt2img)
+        return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in itc.metrics().items()}
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -224,33 +239,209 @@ class EvalImageCache:
         return GatheredImages(image_feats, owner < world, owner, local_row, embeds)
 
 
-# ----------------------------------------------------------------------------- scoring
+# ----------------------------------------------------------------------------- ITC in blocks
 
 
-def itc_similarity(image_feats: Tensor, text_feats: Tensor) -> Tensor:
-    """Max over queries of the cosine similarity, in image blocks (bounded memory).
+def itc_blocks(image_feats: Tensor, text_feats: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """Max over queries of the cosine similarity, one block of images at a time (bounded memory).
 
     Args:
         image_feats: (I, Q, E), L2-normalised.
         text_feats: (X, E), L2-normalised.
 
     Returns:
-        (I, X) float32.
+        an iterator of ``(start, sim)``: sim (b, X) float32 is rows ``start .. start + b - 1`` of
+        the (I, X) similarity; the blocks come in order and cover every image once. The block
+        size depends only on Q and X, so every call (and every rank) computes a value alike.
     """
     if image_feats.ndim != 3 or text_feats.ndim != 2 or image_feats.shape[-1] != text_feats.shape[-1]:
         raise ValueError(f"need image_feats (I, Q, E) and text_feats (X, E), got {tuple(image_feats.shape)}, {tuple(text_feats.shape)}")
+    return _itc_blocks(image_feats, text_feats.float())
+
+
+def _itc_blocks(image_feats: Tensor, text_feats: Tensor) -> Iterator[tuple[int, Tensor]]:
     num_images, queries, _ = image_feats.shape
-    text_feats = text_feats.float()
     block = max(1, _SIM_BLOCK_ELEMENTS // max(1, queries * text_feats.shape[0]))
-    out = torch.empty(num_images, text_feats.shape[0], device=image_feats.device)
     for start in range(0, num_images, block):
         chunk = image_feats[start : start + block].float()  # (b, Q, E)
-        out[start : start + block] = torch.einsum("iqe,xe->iqx", chunk, text_feats).amax(dim=1)  # (b, X)
+        yield start, torch.einsum("iqe,xe->iqx", chunk, text_feats).amax(dim=1)  # (b, X)
+
+
+def itc_similarity(image_feats: Tensor, text_feats: Tensor) -> Tensor:
+    """The dense (I, X) float32 ITC similarity (:func:`itc_blocks` put together): small splits only.
+
+    Args:
+        image_feats: (I, Q, E), L2-normalised.
+        text_feats: (X, E), L2-normalised.
+    """
+    blocks = itc_blocks(image_feats, text_feats)
+    out = torch.empty(image_feats.shape[0], text_feats.shape[0], device=image_feats.device)  # (I, X)
+    for start, sim in blocks:
+        out[start : start + len(sim)] = sim
     return out
 
 
+def dense_blocks(sim: Tensor, rows: int = 1024) -> Iterator[tuple[int, Tensor]]:
+    """A dense (I, X) similarity as the ``(start, (b, X))`` blocks :func:`itc_topk` reads."""
+    for start in range(0, sim.shape[0], rows):
+        yield start, sim[start : start + rows].float()
+
+
+def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row; among equal values the lower column wins.
+
+    The result is the first k' entries of a stable descending sort, computed without sorting
+    whole rows: ties at the k-th value (common with duplicated images or captions) are broken
+    the same way on every device, by every block layout and on every rank.
+
+    Args:
+        x: (R, C) without NaN.
+        k: entries per row (capped at C).
+
+    Returns:
+        values (R, k') and their column indices (R, k') int64, k' = min(k, C), each row by value
+        (descending), then by column (ascending).
+    """
+    k = min(k, x.shape[1])
+    kth = x.topk(k, dim=1).values[:, -1:]  # (R, 1): the k-th largest value of each row
+    above = x > kth  # (R, C)
+    equal = x == kth  # (R, C)
+    need = k - above.sum(dim=1, keepdim=True)  # (R, 1): entries equal to kth still to take
+    keep = above | (equal & (equal.cumsum(dim=1) <= need))  # (R, C): exactly k per row
+    index = keep.nonzero()[:, 1].view(x.shape[0], k)  # (R, k): columns in ascending order
+    values = x.gather(1, index)  # (R, k)
+    order = values.sort(dim=1, descending=True, stable=True).indices  # (R, k)
+    return values.gather(1, order), index.gather(1, order)
+
+
+@dataclass
+class ItcTopK:
+    """What retrieval needs from the (I, X) ITC similarity, kept without the matrix.
+
+    Lists are in :func:`stable_topk` order (similarity descending, then index ascending), so the
+    first k entries of a longer list are the top-k.
+
+    Attributes:
+        i2t_values: (I, min(k, X)) each image's highest similarities over texts.
+        i2t_index: (I, min(k, X)) their text indices.
+        t2i_values: (X, m) each text's highest similarities over images; m = min(I, max(k, 11))
+            when ranks are kept (the ITC image ranks need the top 11), else min(I, k).
+        t2i_index: (X, m) their image indices.
+        k: candidates per query asked for.
+        text_ranks: (I,) ITC rank of each image's best true caption (exact); None without
+            ground truth.
+        image_ranks: (X,) ITC rank of each text's true image, capped at m - 1 (>= the largest
+            recall cut-off, so every recall is exact); None without ground truth.
+    """
+
+    i2t_values: Tensor
+    i2t_index: Tensor
+    t2i_values: Tensor
+    t2i_index: Tensor
+    k: int
+    text_ranks: Tensor | None = None
+    image_ranks: Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        return self.i2t_index.shape[0]
+
+    @property
+    def num_texts(self) -> int:
+        return self.t2i_index.shape[0]
+
+    def metrics(self) -> dict[str, float]:
+        """ITC-only TR/IR@1/5/10 and means (percent), as ``retrieval_metrics`` on the dense matrix."""
+        if self.text_ranks is None or self.image_ranks is None:
+            raise ValueError("these ITC top-k lists were built without txt2img: pass it to itc_topk for metrics")
+        return recall_metrics(self.text_ranks, self.image_ranks)
+
+
+def itc_topk(
+    blocks: Iterable[tuple[int, Tensor]],
+    num_images: int,
+    num_texts: int,
+    k: int,
+    txt2img: Tensor | Sequence[int] | None = None,
+    ties: TiePolicy = "pessimistic",
+) -> ItcTopK:
+    """One pass over the ITC similarity in image blocks: per-query top-k and the ITC ranks.
+
+    Each image's row is complete in its block (its top-k texts and the rank of its best true
+    caption come from it directly); each text's top images are merged block by block into a
+    running list. Memory: one block and the (I + X) x k lists, never the (I, X) matrix.
+
+    Args:
+        blocks: ``(start, sim (b, X))`` in image order covering [0, I) (:func:`itc_blocks`).
+        num_images: I.
+        num_texts: X.
+        k: candidates per query (capped at X for images and at I for texts).
+        txt2img: (X,) the true image of each text; with it the ITC ranks are kept too.
+        ties: how equal scores rank (see :mod:`qformer_lightning.metrics.retrieval`).
+
+    Raises:
+        ValueError: blocks out of order, of the wrong width or not covering every image; NaN
+            similarities; ``txt2img`` out of range or leaving an image without a caption.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if ties not in ("pessimistic", "optimistic"):
+        raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
+    if num_images < 1 or num_texts < 1:
+        raise ValueError(f"retrieval needs at least one image and one text, got {num_images} and {num_texts}")
+    depth = min(num_images, k if txt2img is None else max(k, max(RECALL_CUTOFFS) + 1))
+    i2t_values, i2t_index, text_ranks = [], [], []
+    run_values = run_index = true_score = truth = None
+    covered = 0
+    for start, sim in blocks:
+        if start != covered or sim.ndim != 2 or sim.shape[1] != num_texts or start + len(sim) > num_images:
+            raise ValueError(f"ITC block at image {start} has shape {tuple(sim.shape)}: expected rows from {covered} of (b, {num_texts})")
+        if torch.isnan(sim).any():
+            raise ValueError(f"the ITC similarity of images {start}..{start + len(sim) - 1} holds NaN: check their features")
+        if run_values is None:  # first block: everything lives on its device
+            device = sim.device
+            run_values = sim.new_empty(num_texts, 0)  # (X, 0)
+            run_index = torch.empty(num_texts, 0, dtype=torch.long, device=device)
+            if txt2img is not None:
+                truth = torch.as_tensor(txt2img, dtype=torch.long).to(device)
+                if truth.shape != (num_texts,):
+                    raise ValueError(f"txt2img must have shape ({num_texts},), got {tuple(truth.shape)}")
+                captions_per_image(truth, num_images)
+                true_score = torch.full((num_texts,), float("nan"), device=device)
+        rows = torch.arange(start, start + len(sim), device=sim.device)  # (b,)
+        values, index = stable_topk(sim, k)  # (b, k_i)
+        i2t_values.append(values), i2t_index.append(index)
+        if truth is not None:
+            text_ranks.append(_full_row_text_ranks(sim, rows, truth, ties))
+            here = ((truth >= start) & (truth < start + len(sim))).nonzero().squeeze(1)  # texts of these images
+            true_score[here] = sim[truth[here] - start, here]
+        merged_values = torch.cat([run_values, sim.T], dim=1)  # (X, m + b): earlier images first
+        merged_index = torch.cat([run_index, rows.expand(num_texts, -1)], dim=1)  # (X, m + b)
+        run_values, position = stable_topk(merged_values, depth)  # equal values: the earlier image wins
+        run_index = merged_index.gather(1, position)
+        covered += len(sim)
+    if covered != num_images:
+        raise ValueError(f"the ITC blocks covered {covered} of {num_images} images")
+    image_ranks = None
+    if truth is not None:
+        image_ranks = count_above(run_values, run_index == truth[:, None], true_score, ties)  # (X,)
+        if depth < num_images:  # only the top `depth` images are known: larger ranks are all `depth - 1`
+            image_ranks = image_ranks.clamp(max=depth - 1)
+    return ItcTopK(
+        torch.cat(i2t_values), torch.cat(i2t_index), run_values, run_index, k,
+        torch.cat(text_ranks) if truth is not None else None, image_ranks,
+    )  # fmt: skip
+
+
+def _full_row_text_ranks(sim: Tensor, rows: Tensor, txt2img: Tensor, ties: TiePolicy) -> Tensor:
+    """(b,) rank of each image's best true caption from its complete row ``sim`` (b, X)."""
+    is_true = txt2img[None, :] == rows[:, None]  # (b, X)
+    no_outside = torch.zeros(len(rows), dtype=torch.long, device=sim.device)
+    return candidate_ranks(sim, is_true, no_outside, sim.shape[1], float("-inf"), ties)
+
+
 def candidate_masks(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The top-k candidates of each query.
+    """Dense masks of the top-k candidates of each query (small matrices and tests).
 
     Args:
         sim: (I, X) ITC similarities.
@@ -258,37 +449,105 @@ def candidate_masks(sim: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     Returns:
         i2t (I, X) bool: text x is among image i's top-k texts;
-        t2i (I, X) bool: image i is among text x's top-k images.
+        t2i (I, X) bool: image i is among text x's top-k images (ties: :func:`stable_topk`).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    num_images, num_texts = sim.shape
     i2t = torch.zeros_like(sim, dtype=torch.bool)
-    i2t.scatter_(1, sim.topk(min(k, num_texts), dim=1).indices, True)
-    t2i = torch.zeros_like(sim, dtype=torch.bool)
-    t2i.scatter_(0, sim.topk(min(k, num_images), dim=0).indices, True)
-    return i2t, t2i
+    i2t.scatter_(1, stable_topk(sim, k)[1], True)
+    t2i = torch.zeros_like(sim.T, dtype=torch.bool)  # (X, I)
+    t2i.scatter_(1, stable_topk(sim.T, k)[1], True)
+    return i2t, t2i.T
+
+
+# ----------------------------------------------------------------------------- re-ranking
 
 
 @dataclass
 class RerankedScores:
-    """Final retrieval scores (every rank holds the same).
+    """Final retrieval scores of the candidates (every rank holds the same).
+
+    Every pair outside a query's candidates scores ``fill``. ``i2t``, ``t2i`` and ``itm`` build
+    the dense matrices from these lists: for small splits and tests only.
 
     Attributes:
-        i2t: (I, X) image-to-text scores: ITM + ITC on each image's top-k texts, -inf elsewhere.
-        t2i: (X, I) text-to-image scores: ITM + ITC on each text's top-k images, -inf elsewhere.
-        itm: (I, X) ITM matched logits of the candidate pairs, NaN elsewhere.
-        num_pairs: P, candidate pairs scored by ITM over all ranks.
+        i2t_index: (I, ki) each image's candidate texts (its ITC top-k, ki = min(k, X)).
+        i2t_scores: (I, ki) their ITM matched logit + ITC similarity.
+        t2i_index: (X, kt) each text's candidate images (kt = min(k, I)).
+        t2i_scores: (X, kt) their ITM + ITC scores.
+        pairs: (P, 2) the candidate pairs of both directions, once each, image-major: [image, text].
+        pair_itm: (P,) their ITM matched logits.
+        fill: score of the pairs outside a query's candidates.
     """
 
-    i2t: Tensor
-    t2i: Tensor
-    itm: Tensor
-    num_pairs: int
+    i2t_index: Tensor
+    i2t_scores: Tensor
+    t2i_index: Tensor
+    t2i_scores: Tensor
+    pairs: Tensor
+    pair_itm: Tensor
+    fill: float = float("-inf")
+
+    @property
+    def num_images(self) -> int:
+        return self.i2t_index.shape[0]
+
+    @property
+    def num_texts(self) -> int:
+        return self.t2i_index.shape[0]
+
+    @property
+    def num_pairs(self) -> int:
+        """P, candidate pairs scored by ITM over all ranks."""
+        return len(self.pairs)
+
+    def ranks(self, txt2img: Tensor | Sequence[int], ties: TiePolicy = "pessimistic") -> tuple[Tensor, Tensor]:
+        """Ranks of the ground truth: text_ranks (I,) and image_ranks (X,), as on the dense matrices.
+
+        Args:
+            txt2img: (X,) the true image of each text (an image's captions are its true texts).
+            ties: see :mod:`qformer_lightning.metrics.retrieval`.
+        """
+        device = self.i2t_index.device
+        txt2img = torch.as_tensor(txt2img, dtype=torch.long).to(device)
+        if txt2img.shape != (self.num_texts,):
+            raise ValueError(f"txt2img must have shape ({self.num_texts},), got {tuple(txt2img.shape)}")
+        captions = captions_per_image(txt2img, self.num_images)  # (I,)
+        images = torch.arange(self.num_images, device=device)
+        is_true = txt2img[self.i2t_index] == images[:, None]  # (I, ki)
+        text_ranks = candidate_ranks(
+            self.i2t_scores, is_true, captions - is_true.sum(dim=1), self.num_texts, self.fill, ties
+        )
+        is_true = self.t2i_index == txt2img[:, None]  # (X, kt)
+        image_ranks = candidate_ranks(self.t2i_scores, is_true, 1 - is_true.sum(dim=1), self.num_images, self.fill, ties)
+        return text_ranks, image_ranks
+
+    def metrics(self, txt2img: Tensor | Sequence[int], ties: TiePolicy = "pessimistic") -> dict[str, float]:
+        """Re-ranked TR/IR@1/5/10 and means (percent), equal to ``retrieval_metrics(i2t, ..., t2i)``."""
+        return recall_metrics(*self.ranks(txt2img, ties))
+
+    @property
+    def i2t(self) -> Tensor:
+        """Dense (I, X) image-to-text scores, ``fill`` outside the candidates (small splits only)."""
+        dense = self.i2t_scores.new_full((self.num_images, self.num_texts), self.fill)
+        return dense.scatter_(1, self.i2t_index, self.i2t_scores)
+
+    @property
+    def t2i(self) -> Tensor:
+        """Dense (X, I) text-to-image scores, ``fill`` outside the candidates (small splits only)."""
+        dense = self.t2i_scores.new_full((self.num_texts, self.num_images), self.fill)
+        return dense.scatter_(1, self.t2i_index, self.t2i_scores)
+
+    @property
+    def itm(self) -> Tensor:
+        """Dense (I, X) ITM matched logits of the candidate pairs, NaN elsewhere (small splits only)."""
+        dense = self.pair_itm.new_full((self.num_images, self.num_texts), float("nan"))
+        dense[self.pairs[:, 0], self.pairs[:, 1]] = self.pair_itm
+        return dense
 
 
 def rerank(
-    sim: Tensor,
+    itc: ItcTopK | Tensor,
     k: int,
     score_pairs: PairScorer,
     owner: Tensor | None = None,
@@ -298,8 +557,9 @@ def rerank(
     """Re-score the top-k candidates of both directions with ITM (collective when distributed).
 
     Args:
-        sim: (I, X) ITC similarities, the same on every rank.
-        k: candidates per query (paper: 128).
+        itc: the ITC top-k lists (:func:`itc_topk`), the same on every rank; or a dense (I, X)
+            similarity (small splits and tests).
+        k: candidates per query (paper: 128); at most ``itc.k``.
         score_pairs: ITM matched logits of a batch of pairs (global image and text indices);
             called only with images owned by this rank, plus repeats of such a pair (or of the
             first candidate pair when this rank owns none) to equalise the number of calls.
@@ -308,35 +568,55 @@ def rerank(
         fill: score of the pairs outside a query's top-k.
 
     Raises:
-        RuntimeError: a candidate pair that no rank scored (``owner`` does not cover it).
+        RuntimeError: a candidate pair that no rank (or more than one) scored: ``owner`` does
+            not cover each image once.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(itc, Tensor):
+        if itc.ndim != 2:
+            raise ValueError(f"a dense ITC similarity must be (I, X), got {tuple(itc.shape)}")
+        itc = itc_topk(dense_blocks(itc), itc.shape[0], itc.shape[1], k)
+    elif k > itc.k:
+        raise ValueError(f"k={k} but the ITC top-k lists hold only {itc.k} candidates per query")
     rank, _ = rank_and_world()
-    i2t, t2i = candidate_masks(sim, k)
-    pairs = (i2t | t2i).nonzero()  # (P, 2): image-major order, [image, text]
+    num_images, num_texts = itc.num_images, itc.num_texts
+    device = itc.i2t_index.device
+    ki, kt = min(k, num_texts), min(k, num_images)
+    i2t_code = torch.arange(num_images, device=device)[:, None] * num_texts + itc.i2t_index[:, :ki]  # (I, ki)
+    t2i_code = itc.t2i_index[:, :kt] * num_texts + torch.arange(num_texts, device=device)[:, None]  # (X, kt)
+    codes = torch.unique(torch.cat([i2t_code.flatten(), t2i_code.flatten()]))  # (P,) sorted = image-major
+    pairs = torch.stack([codes // num_texts, codes % num_texts], dim=1)  # (P, 2): [image, text]
     mine = pairs if owner is None else pairs[owner[pairs[:, 0]] == rank]  # (P_r, 2)
-    calls = max_over_ranks(math.ceil(len(mine) / batch_size), sim.device)
-    filler = mine[:1] if len(mine) else pairs[:1]
+    mine_scores = _score_in_batches(mine, pairs[:1], score_pairs, batch_size, device)  # (P_r,)
+    if owner is not None:
+        mine, mine_scores = gather_concat(mine), gather_concat(mine_scores)  # (P, 2), (P,) in rank order
+    got = mine[:, 0] * num_texts + mine[:, 1]  # (P,)
+    order = got.argsort()
+    if len(got) != len(codes) or not torch.equal(got[order], codes):
+        raise RuntimeError(
+            "some ITM candidate pairs were scored by no rank or by several: the image owner map does not cover "
+            "each image once"
+        )
+    pair_itm = mine_scores[order]  # (P,) in the order of `pairs`
+    i2t_scores = itc.i2t_values[:, :ki] + pair_itm[torch.searchsorted(codes, i2t_code)]  # (I, ki)
+    t2i_scores = itc.t2i_values[:, :kt] + pair_itm[torch.searchsorted(codes, t2i_code)]  # (X, kt)
+    return RerankedScores(itc.i2t_index[:, :ki], i2t_scores, itc.t2i_index[:, :kt], t2i_scores, pairs, pair_itm, fill)
+
+
+def _score_in_batches(mine: Tensor, first: Tensor, score_pairs: PairScorer, batch_size: int, device: torch.device) -> Tensor:
+    """ITM logits (P_r,) of this rank's pairs ``mine`` (P_r, 2), with as many calls as the busiest rank.
+
+    A rank with fewer batches repeats one of its pairs (or ``first`` (1, 2) when it has none) and
+    drops the result, as sharded strategies (FSDP) require.
+    """
+    calls = max_over_ranks(math.ceil(len(mine) / batch_size), device)
+    filler = mine[:1] if len(mine) else first
     scores = []
     for call in range(calls):
-        chunk = mine[call * batch_size : (call + 1) * batch_size]
+        chunk = mine[call * batch_size : (call + 1) * batch_size]  # (b, 2)
         if len(chunk) == 0:  # this rank is done: keep the number of model calls equal
             score_pairs(filler[:, 0], filler[:, 1])
             continue
         scores.append(score_pairs(chunk[:, 0], chunk[:, 1]).float())
-    mine_scores = torch.cat(scores) if scores else sim.new_empty(0)
-    all_pairs = gather_concat(mine)  # (P, 2)
-    all_scores = gather_concat(mine_scores)  # (P,)
-    itm = torch.full_like(sim, float("nan"))
-    itm[all_pairs[:, 0], all_pairs[:, 1]] = all_scores
-    candidates = i2t | t2i
-    if torch.isnan(itm[candidates]).any():
-        raise RuntimeError("some ITM candidate pairs were scored by no rank: the image owner map does not cover them")
-    combined = sim + itm  # (I, X), NaN outside the candidates
-    return RerankedScores(
-        i2t=torch.where(i2t, combined, fill),
-        t2i=torch.where(t2i, combined, fill).T.contiguous(),
-        itm=itm,
-        num_pairs=len(all_pairs),
-    )
+    return torch.cat(scores) if scores else torch.empty(0, device=device)
