@@ -20,11 +20,11 @@ requires the same world size, number of workers and batch size (checked, with a 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import random
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qformer_lightning.data.batch import Failed, ReplacementLog, Sample, assemble_batch, normalize_batch, sample_seed, stable_id
 from qformer_lightning.data.image import BadSample, ImageTransform
-from qformer_lightning.data.plan import Task, epoch_tasks, locate, num_batches, rank_share, worker_plan
+from qformer_lightning.data.plan import Task, WorkerPlan, epoch_tasks, num_batches, rank_share, worker_plan
 from qformer_lightning.data.shards import Shard, TruncatedAt, _is_remote, iter_tar_samples, open_url
 from qformer_lightning.data.text import pre_caption
 
@@ -202,13 +202,11 @@ class ShardStream(IterableDataset):
         logical = (physical + self.skip) % workers
         tasks = self.tasks(self.epoch)
         plan = worker_plan(
-            self.total, self.rank, self.world_size, logical, workers, self.batch_size, self.drop_last,
+            tasks, self.rank, self.world_size, logical, workers, self.batch_size, self.drop_last,
             self.shuffle, self.interleave, self.shuffle_block, self.seed, self.epoch,
         )
         done = len(range(logical, self.skip, workers))  # this worker's batches among the skipped
-        first = sum(plan.batch_sizes[:done])
-        task_index, ordinals = locate(tasks, plan.positions)  # (P,), (P,)
-        raw = self._read(tasks, plan.lanes, task_index, ordinals, first)
+        raw = self._read(tasks, plan, plan.items_before(done))
         spare: list[Sample] = []
 
         def get_spare() -> Sample:
@@ -216,11 +214,10 @@ class ShardStream(IterableDataset):
                 spare.append(self._spare(tasks))
             return spare[0]
 
-        for size in plan.batch_sizes[done:]:
-            items = []
-            for _ in range(size):
-                i, task, item = next(raw)
-                items.append(self._decode(task, item, int(plan.positions[i])))
+        for size in plan.batch_sizes(done):
+            items = [self._decode(task, item, position) for position, task, item in itertools.islice(raw, size)]
+            if len(items) != size:
+                raise RuntimeError(f"internal error: the worker's plan ran out after {len(items)} of {size} samples")
             yield assemble_batch(items, self.mean, self.std, get_spare, self.replacement_log, not self.defer_normalise)
 
     def _url(self, task: Task) -> str:
@@ -239,44 +236,40 @@ class ShardStream(IterableDataset):
         return Sample(image, text, stable_id(f"{self.names[task.source]}/{key}"), full_key)
 
     def _read(
-        self,
-        tasks: list[Task],
-        lanes: np.ndarray,
-        task_index: np.ndarray,
-        ordinals: np.ndarray,
-        first: int,
+        self, tasks: list[Task], plan: WorkerPlan, first: int
     ) -> Iterator[tuple[int, Task, tuple[str, dict[str, bytes]] | Failed]]:
-        """Yield ``(i, task, (key, members) or Failed)`` for plan items ``first ..``, in order.
+        """Yield ``(position, task, (key, members) or Failed)`` for the plan's items ``first ..``.
 
-        A reader stream is one (lane, task) pair, opened at its first needed ordinal. Items are
-        read block by block (``shuffle_block``); an item read ahead of its turn waits in a buffer
-        until it is due, which never takes more than one block.
+        A reader stream is one (lane, task) pair, opened at its first needed ordinal and closed
+        after the block holding its last item. Items are read block by block (``plan.block_at``);
+        an item read ahead of its turn waits in a buffer until it is due, which never takes more
+        than one block.
         """
-        count = len(ordinals)
-        block = max(1, self.shuffle_block) if self.shuffle else max(1, count)
-        stream_id = lanes * len(tasks) + task_index  # (P,)
-        remaining = Counter(stream_id[first:].tolist())
-        streams: dict[int, _TarStream] = {}
+        streams: dict[tuple[int, int], _TarStream] = {}
         try:
-            for lo in range((first // block) * block, count, block):
-                a, b = max(lo, first), min(lo + block, count)
-                needed: set[tuple[int, int]] = set()
-                first_needed: dict[int, int] = {}
-                for s, o in zip(stream_id[a:b].tolist(), ordinals[a:b].tolist()):
-                    needed.add((s, o))
-                    first_needed[s] = min(o, first_needed.get(s, o))
-                buffer: dict[tuple[int, int], tuple[str, dict[str, bytes]] | Failed] = {}
-                for i in range(a, b):
-                    s, o = int(stream_id[i]), int(ordinals[i])
-                    task = tasks[int(task_index[i])]
-                    if (s, o) not in buffer:
-                        if s not in streams:
-                            streams[s] = _TarStream(self._url(task), first_needed[s])
-                        self._fill(streams[s], s, o, needed, buffer, task)
-                    yield i, task, buffer.pop((s, o))
-                    remaining[s] -= 1
-                    if remaining[s] == 0 and s in streams:
-                        streams.pop(s).close()
+            index = first
+            while index < plan.count:
+                block = plan.block_at(index)
+                a = index - block.index
+                keys = list(zip(block.lanes[a:].tolist(), block.tasks[a:].tolist()))
+                ordinals = block.ordinals[a:].tolist()
+                needed = set(zip(keys, ordinals))
+                first_needed: dict[tuple[int, int], int] = {}
+                for key, o in zip(keys, ordinals):
+                    first_needed[key] = min(o, first_needed.get(key, o))
+                buffer: dict[tuple[tuple[int, int], int], tuple[str, dict[str, bytes]] | Failed] = {}
+                for key, o, position in zip(keys, ordinals, block.positions[a:].tolist()):
+                    task = tasks[key[1]]
+                    if (key, o) not in buffer:
+                        if key not in streams:
+                            streams[key] = _TarStream(self._url(task), first_needed[key])
+                        self._fill(streams[key], key, o, needed, buffer, task)
+                    yield position, task, buffer.pop((key, o))
+                ended = zip(block.lanes[block.stream_ends].tolist(), block.tasks[block.stream_ends].tolist())
+                for key in ended:
+                    if key in streams:
+                        streams.pop(key).close()
+                index = block.index + len(block.positions)
         finally:
             for stream in streams.values():
                 stream.close()
@@ -284,7 +277,7 @@ class ShardStream(IterableDataset):
     def _fill(
         self,
         stream: _TarStream,
-        s: int,
+        s: tuple[int, int],
         target: int,
         needed: set[tuple[int, int]],
         buffer: dict,
@@ -385,8 +378,9 @@ class ShardLoader:
             yield normalize_batch(batch, self.dataset.mean, self.dataset.std)
 
 
-#: Version of the epoch order (``plan.py``); a checkpoint of another version cannot resume exactly.
-PLAN_VERSION = 1
+#: Version of the epoch order (``plan.py``; 2: lanes of equal length +-1, one generator per shuffle
+#: block); a checkpoint of another version cannot resume exactly.
+PLAN_VERSION = 2
 
 LAYOUT_CHANGES: tuple[str, ...] = ("error", "fresh_epoch")
 
