@@ -7,6 +7,11 @@ image could not be read has an ``error`` instead of outputs.
 
 With several processes each rank writes ``OUTPUT.rankR`` and rank 0 merges them into ``OUTPUT``
 (sorted by ``index``, the repeats a distributed sampler pads with dropped).
+
+The final report counts skipped files, not lines: each unreadable image once by its reason
+(``bad_image``, ``missing_image``, ``image_too_large``), however many requests named it, and the
+entries of the image folders that were not predicted for (``not_an_image``, ``sub_folder``: the data
+module's ``skipped_files``), each reason with a few example names.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+
+from qformer_lightning.data.predict import summarize_skips
 
 
 def _plain(value: Any) -> Any:
@@ -53,6 +60,47 @@ def prediction_lines(batch: dict[str, Any], records: Sequence[dict[str, Any]], b
     lines = [{"index": i, **{k: _plain(v) for k, v in r.items()}} for i, r in zip(indices, records)]
     lines.extend(dict(item) for item in batch.get("skipped", []))
     return sorted(lines, key=lambda line: (line.get("index") is None, line.get("index") or 0))
+
+
+class UnreadableImages:
+    """The distinct images behind the ``error`` lines, by reason, and the number of such lines."""
+
+    def __init__(self) -> None:
+        self.by_reason: dict[str, dict[str, None]] = {}  # reason -> image paths, in first-seen order
+        self.num_lines = 0
+
+    def add(self, line: dict[str, Any]) -> None:
+        """Count one output line (lines without ``error`` are ignored)."""
+        if "error" not in line:
+            return
+        self.num_lines += 1
+        reason = str(line["error"]).split(":", 1)[0]
+        self.by_reason.setdefault(reason, {})[str(line.get("image"))] = None
+
+    @classmethod
+    def from_jsonl(cls, path: Path) -> UnreadableImages:
+        """The tally of a written JSONL file."""
+        tally = cls()
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                tally.add(json.loads(line))
+        return tally
+
+    def files(self) -> dict[str, list[str]]:
+        """Per reason, the distinct image paths."""
+        return {reason: list(paths) for reason, paths in self.by_reason.items()}
+
+
+def skip_report(unreadable: UnreadableImages, skipped_files: dict[str, list[str]]) -> str:
+    """What was skipped, for the final line: ``""`` when nothing was, else e.g. ``", 4 of them with
+    'error' (requests on unreadable images); skipped 2 file(s): unreadable image: 1 (a.jpg); not an
+    image: 1 (notes.txt)"`` (unreadable images first, then the folder entries not predicted for)."""
+    files = {**unreadable.files(), **{reason: list(names) for reason, names in skipped_files.items() if names}}
+    total = sum(len(names) for names in files.values())
+    if not total:
+        return ""
+    errors = f", {unreadable.num_lines} of them with 'error' (requests on unreadable images)" if unreadable.num_lines else ""
+    return f"{errors}; skipped {total} file(s): {summarize_skips(files)}"
 
 
 def merge_parts(parts: Sequence[Path], output: Path) -> int:
@@ -98,7 +146,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self._file: IO[str] | None = None
         self._path: Path | None = None
         self.num_written = 0
-        self.num_errors = 0
+        self.unreadable = UnreadableImages()
+        self.report = ""
+        """The final summary line (rank 0), also logged."""
 
     def _part(self, trainer: pl.Trainer) -> Path:
         if trainer.world_size == 1:
@@ -111,7 +161,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self._path = self._part(trainer)
         self._file = self._path.open("w", encoding="utf-8")
-        self.num_written = self.num_errors = 0
+        self.num_written = 0
+        self.unreadable = UnreadableImages()
+        self.report = ""
 
     def write_on_batch_end(
         self,
@@ -128,27 +180,26 @@ class JsonlPredictionWriter(BasePredictionWriter):
         for line in prediction_lines(batch, prediction, batch_indices):
             self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
             self.num_written += 1
-            self.num_errors += "error" in line
+            self.unreadable.add(line)
         self._file.flush()
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        errors = torch.tensor([self.num_errors], dtype=torch.long)
         if trainer.world_size > 1:
             trainer.strategy.barrier("jsonl_prediction_writer")
-            errors = trainer.strategy.reduce(errors.to(pl_module.device), reduce_op="sum").cpu()
             if trainer.is_global_zero:
                 parts = [self.output.with_name(f"{self.output.name}.rank{r}") for r in range(trainer.world_size)]
                 self.num_written = merge_parts(parts, self.output)
                 for part in parts:
                     part.unlink()
+                self.unreadable = UnreadableImages.from_jsonl(self.output)  # every rank's, padding repeats dropped
             trainer.strategy.barrier("jsonl_prediction_writer_merged")
         if trainer.is_global_zero:
-            skipped = int(errors.item())
-            note = f" ({skipped} skipped: unreadable images, see the lines with 'error')" if skipped else ""
-            rank_zero_info(f"wrote {self.num_written} prediction line(s) to {self.output}{note}")
+            skipped_files = getattr(trainer.datamodule, "skipped_files", None) or {}
+            self.report = f"wrote {self.num_written} prediction line(s) to {self.output}{skip_report(self.unreadable, skipped_files)}"
+            rank_zero_info(self.report)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._file is not None:

@@ -21,6 +21,12 @@ the JSONL's folder).
 Batches: ``image`` (B, 3, S, S) normalised with the model's encoder settings, ``key`` (B image
 paths), ``index`` (B,) request positions, ``request`` (B JSON-ready dicts) and ``skipped``
 (requests whose image could not be read, each with its ``error``; ``on_bad_image: skip``).
+
+Skips are reported once per file: an unreadable image is warned about once, however many requests
+name it (``texts``, JSONL lines) and whichever loader worker reads it; the files of an image folder
+that are not images (and its sub-folders unless ``recursive``) are warned about at setup and kept in
+:attr:`PredictDataModule.skipped_files`, which the JSONL writer's final report lists beside the
+unreadable images.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -104,8 +110,28 @@ def make_request(image: str, question: str | None = None, prompt: str | None = N
     return PredictRequest(image, kind, question, prompt, text, id)
 
 
-def list_images(paths: str | Sequence[str], recursive: bool = False) -> list[str]:
-    """Image files named by ``paths``: files as given, folders expanded to their image files (sorted).
+NOT_AN_IMAGE = "not_an_image"
+"""Skip reason of a file in an image folder whose name does not end in :data:`IMAGE_SUFFIXES`."""
+SUB_FOLDER = "sub_folder"
+"""Skip reason of a sub-folder of an image folder when ``recursive`` is off."""
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The files a folder listing takes and the entries it leaves out.
+
+    Args:
+        images: image files, in order (files as given, then each folder's images sorted).
+        skipped: per reason (:data:`NOT_AN_IMAGE`, :data:`SUB_FOLDER`), the entries not taken, sorted.
+    """
+
+    images: list[str]
+    skipped: dict[str, list[str]]
+
+
+def scan_images(paths: str | Sequence[str], recursive: bool = False) -> ImageListing:
+    """Image files named by ``paths`` (files as given, folders expanded to their image files, sorted)
+    and the folder entries left out (other files; sub-folders unless ``recursive``).
 
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without image files.
@@ -114,13 +140,13 @@ def list_images(paths: str | Sequence[str], recursive: bool = False) -> list[str
     if not paths:
         raise ValueError("no image paths given")
     files: list[str] = []
+    skipped: dict[str, list[str]] = {}
     for entry in paths:
         path = Path(entry).expanduser()
         if path.is_file():
             files.append(str(path))
         elif path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            images = sorted(str(p) for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            images = _scan_folder(path, recursive, skipped)
             if not images:
                 where = "under" if recursive else "in"
                 raise FileNotFoundError(
@@ -130,7 +156,46 @@ def list_images(paths: str | Sequence[str], recursive: bool = False) -> list[str
             files.extend(images)
         else:
             raise FileNotFoundError(f"image path {str(path)!r} does not exist")
-    return files
+    return ImageListing(files, {reason: sorted(names) for reason, names in skipped.items()})
+
+
+def _scan_folder(folder: Path, recursive: bool, skipped: dict[str, list[str]]) -> list[str]:
+    """The sorted image files of ``folder``; the entries left out are added to ``skipped`` by reason."""
+    images = []
+    for entry in folder.rglob("*") if recursive else folder.iterdir():
+        if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(str(entry))
+        elif entry.is_file():
+            skipped.setdefault(NOT_AN_IMAGE, []).append(str(entry))
+        elif entry.is_dir() and not recursive:
+            skipped.setdefault(SUB_FOLDER, []).append(str(entry))
+    return sorted(images)
+
+
+def list_images(paths: str | Sequence[str], recursive: bool = False) -> list[str]:
+    """The image files of :func:`scan_images` (the entries it leaves out are dropped)."""
+    return scan_images(paths, recursive).images
+
+
+SKIP_LABELS: dict[str, str] = {
+    "bad_image": "unreadable image",
+    "missing_image": "missing image",
+    "image_too_large": "image too large",
+    NOT_AN_IMAGE: "not an image",
+    SUB_FOLDER: "sub-folder (recursive: false)",
+}
+"""How a skip reason reads in reports (other reasons read as their name)."""
+
+
+def summarize_skips(skipped: Mapping[str, Sequence[str]], examples: int = 3) -> str:
+    """``"unreadable image: 1 (a.jpg); not an image: 2 (notes.txt, x.csv)"``: per reason, the count
+    and the first ``examples`` names (``...`` when there are more); empty reasons are left out."""
+    parts = []
+    for reason, names in skipped.items():
+        if names:
+            shown = ", ".join(names[:examples]) + (", ..." if len(names) > examples else "")
+            parts.append(f"{SKIP_LABELS.get(reason, reason)}: {len(names)} ({shown})")
+    return "; ".join(parts)
 
 
 def read_requests(path: str | Path, image_root: str | Path | None = None) -> list[PredictRequest]:
@@ -269,8 +334,8 @@ class PredictDataModule(pl.LightningDataModule):
         num_workers: data-loader workers.
         image_size: image side S; ``None`` takes the model's image encoder's (and its mean/std).
         mean, std: normalisation; ``None`` takes the encoder's (CLIP's without an encoder).
-        on_bad_image: ``skip`` an unreadable image (a warning names it; its output line holds
-            ``error``) or stop with an ``error`` naming the file.
+        on_bad_image: ``skip`` an unreadable image (one warning names it; each of its requests'
+            output lines holds ``error``) or stop with an ``error`` naming the file.
         max_image_pixels: largest decoded image accepted.
     """
 
@@ -319,13 +384,20 @@ class PredictDataModule(pl.LightningDataModule):
         self.on_bad_image = on_bad_image
         self.max_image_pixels = max_image_pixels
         self.dataset: PredictDataset | None = None
+        self.skipped_files: dict[str, list[str]] = {}
+        """Per reason, the folder entries not predicted for (filled by :meth:`build_requests`)."""
+        self._warned_images: set[str] = set()
         self._mean_std: tuple[tuple[float, ...], tuple[float, ...]] = (CLIP_MEAN, CLIP_STD)
 
     def build_requests(self) -> list[PredictRequest]:
-        """The requests in output order (files are checked here: missing paths raise)."""
+        """The requests in output order (files are checked here: missing paths raise); the folder
+        entries left out go to :attr:`skipped_files`."""
         if self.requests_file is not None:
+            self.skipped_files = {}
             return read_requests(self.requests_file, self.image_root)
-        files = list_images(self.images, self.recursive)
+        listing = scan_images(self.images, self.recursive)
+        self.skipped_files = listing.skipped
+        files = listing.images
         if self.texts is not None:
             return [make_request(f, text=t) for f in files for t in self.texts]
         return [make_request(f, self.question, self.prompt) for f in files]
@@ -364,11 +436,14 @@ class PredictDataModule(pl.LightningDataModule):
         transform = ImageTransform(size, train=False, max_image_pixels=self.max_image_pixels)
         self.dataset = PredictDataset(requests, transform, self.on_bad_image)
         log.info("predicting %d request(s) on %d image(s) at %d px", len(requests), len({r.image for r in requests}), size)
+        if any(self.skipped_files.values()) and (self.trainer is None or self.trainer.is_global_zero):
+            log.warning("not predicting for these entries of the image folders: %s", summarize_skips(self.skipped_files))
 
     def predict_dataloader(self) -> DataLoader:
         if self.dataset is None:
             self.setup("predict")
         assert self.dataset is not None
+        self._warned_images = set()
         mean, std = self._mean_std
         return DataLoader(
             self.dataset,
@@ -380,8 +455,11 @@ class PredictDataModule(pl.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Warn about each skipped (unreadable) image, naming the file."""
+        """Warn once about each unreadable image, naming the file, however many requests name it
+        (this runs in the main process: loader workers do not repeat it; each rank warns about its share)."""
         for item in batch.get("skipped", []):
-            log.warning("skipping image %s: %s", item["image"], item["error"])
+            if item["image"] not in self._warned_images:
+                self._warned_images.add(item["image"])
+                log.warning("skipping image %s: %s (its requests get an output line with 'error')", item["image"], item["error"])
         return batch
 
