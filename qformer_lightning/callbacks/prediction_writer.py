@@ -198,7 +198,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
             trainer.strategy.barrier("jsonl_prediction_writer_merged")
         if trainer.is_global_zero:
             skipped_files = getattr(trainer.datamodule, "skipped_files", None) or {}
-            self.report = f"wrote {self.num_written} prediction line(s) to {self.output}{skip_report(self.unreadable, skipped_files)}"
+            skipped = skip_report(self.unreadable, skipped_files)
+            self.report = f"wrote {self.num_written} prediction line(s) to {self.output}{skipped}"
             rank_zero_info(self.report)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

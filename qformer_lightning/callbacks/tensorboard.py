@@ -142,7 +142,9 @@ def reference_text(batch: dict[str, Any], i: int) -> str:
     return text[i] if text is not None else ""
 
 
-def generation_rows(batch: dict[str, Any], records: Sequence[dict[str, Any]], task_prompt: str) -> tuple[list[str], list[list[Any]]]:
+def generation_rows(
+    batch: dict[str, Any], records: Sequence[dict[str, Any]], task_prompt: str
+) -> tuple[list[str], list[list[Any]]]:
     """The table of generated examples: header and one row per record.
 
     Each row: the sample number, what was asked (a VQA question, else the LLM prompt, the request's

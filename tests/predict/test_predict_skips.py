@@ -35,11 +35,13 @@ def test_one_corrupt_jpeg_and_one_text_file_are_each_reported_once(tmp_path, cap
         cli = run_predict(config, "--data.images", str(photos), "--data.texts", json.dumps(TEXTS), "--data.batch_size", "2",
                           "--data.num_workers", str(num_workers), "--trainer.callbacks.init_args.output", str(out))
 
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "qformer_lightning.data.predict"]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "qformer_lightning.data.predict"]
     broken, notes = str(photos / "broken.jpg"), str(photos / "notes.txt")
     assert [w for w in warnings if broken in w] == [f"skipping image {broken}: bad_image: OSError: Truncated File Read "
                                                     "(its requests get an output line with 'error')"]
-    assert [w for w in warnings if notes in w] == [f"not predicting for these entries of the image folders: not an image: 1 ({notes})"]
+    assert [w for w in warnings if notes in w] == [
+        f"not predicting for these entries of the image folders: not an image: 1 ({notes})"]
     assert len(warnings) == 2
 
     lines = read_jsonl(out)
