@@ -91,13 +91,14 @@ class CaptionDecoder:
 
 
 class _TarStream:
-    """Forward-only reader of one shard from a given ordinal; remembers where it broke."""
+    """Forward-only reader of one shard from a given ordinal; remembers where it broke. With
+    ``expected`` (the stats count), samples past it are not read but reported (``iter_tar_samples``)."""
 
-    def __init__(self, url: str, start: int) -> None:
+    def __init__(self, url: str, start: int, expected: int | None = None) -> None:
         self.url = url
         self.file = open_url(url)
         seekable = not url.startswith("pipe:") and not _is_remote(url)
-        self.samples = iter_tar_samples(self.file, start, seekable=seekable)
+        self.samples = iter_tar_samples(self.file, start, seekable=seekable, expected=expected, url=url)
         self.last = start - 1
         self.broken_at: int | None = None
         self.detail = ""
@@ -262,7 +263,8 @@ class ShardStream(IterableDataset):
                     task = tasks[key[1]]
                     if (key, o) not in buffer:
                         if key not in streams:
-                            streams[key] = _TarStream(self._url(task), first_needed[key])
+                            shard = self.sources[task.source][task.shard]
+                            streams[key] = _TarStream(shard.url, first_needed[key], shard.num_samples)
                         self._fill(streams[key], key, o, needed, buffer, task)
                     yield position, task, buffer.pop((key, o))
                 ended = zip(block.lanes[block.stream_ends].tolist(), block.tasks[block.stream_ends].tolist())

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from test_bad_input import _good, _write_shard
+from test_bad_input import _dm, _good, _write_shard
 
 from qformer_lightning.data.shards import iter_tar_samples
 
@@ -38,3 +38,18 @@ def test_reader_stops_at_the_stats_count_and_reports_the_rest_once(
         assert len(list(iter_tar_samples(io.BytesIO(shard.read_bytes()), 0, seekable, expected=20, url="x"))) == 20
         assert len(list(iter_tar_samples(io.BytesIO(shard.read_bytes()), 0, seekable, expected=25, url="y"))) == 20
     assert len(_warnings(caplog)) == 1  # an exact or an over-count (a short tar, replaced as truncated) is not this
+
+
+def test_an_epoch_over_an_undercounted_shard_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _write_shard(tmp_path / "00000.tar", [_good(i) for i in range(20)])
+    _write_shard(tmp_path / "00001.tar", [_good(100 + i) for i in range(20)], claimed=12)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dm = _dm(str(tmp_path / "{00000..00001}.tar"), batch_size=4)
+        for loader in (dm.train_dataloader(), dm.train_dataloader(), dm.val_dataloader()):
+            batches = list(loader)
+            assert len(batches) == 8 and all(b["num_replaced"] == 0 for b in batches)
+            keys = {k.split("#")[1] for b in batches for k in b["key"]}
+            assert keys == {f"{i:04d}" for i in range(20)} | {f"{100 + i:04d}" for i in range(12)}
+    (message,) = _warnings(caplog)
+    assert f"shard {tmp_path}/00001.tar holds 20 samples" in message
+    assert f"stats file {tmp_path}/00001_stats.json says 12" in message
