@@ -17,6 +17,8 @@ Everything a caption or an answer says is visible, so a tiny model can learn it.
   ``KEY.jpg``, ``KEY.txt`` (first caption) and ``KEY.json`` (``captions``: all five captions,
   CapFilt-style; a loader with ``caption_top_k: 5`` draws among all of them, as the test split
   uses all five templates)
+- ``scenes/{split}.json``: the ground truth of every image (``image_id``, ``file`` under ``images/``,
+  ``colour``, ``shape``, ``size``, ``count``, ``position`` or null), for probes of what a model sees
 - ``meta.json``: the generation parameters; a later call with the same parameters reuses the
   corpus, with different ones it refuses to overwrite.
 
@@ -96,6 +98,9 @@ class SyntheticCorpus:
 
     def karpathy_split_json(self, split: str) -> Path:
         return self.root / "karpathy" / f"synthetic_karpathy_{split}.json"
+
+    def scenes_json(self, split: str) -> Path:
+        return self.root / "scenes" / f"{split}.json"
 
     def vqa_questions(self, split: str) -> Path:
         return self.root / "vqa" / f"{split}_questions.json"
@@ -253,7 +258,7 @@ def _generate(out: Path, params: dict) -> None:
     sizes = {"train": params["num_train"], "val": params["num_val"], "test": params["num_test"]}
     karpathy_images, sentence_id, image_index, next_id = [], 0, 0, 1
     for split in SPLITS:
-        lavis, questions_json, annotations_json = [], [], []
+        lavis, questions_json, annotations_json, scenes_json = [], [], [], []
         shard_samples: list[tuple[str, bytes, list[str], int, str]] = []
         # progress on a terminal only (disable=None): logs and tests stay quiet
         for _ in tqdm(range(sizes[split]), desc=f"synthetic corpus: {split}", unit="img", disable=None):
@@ -296,7 +301,12 @@ def _generate(out: Path, params: dict) -> None:
                     ],
                 })
             shard_samples.append((f"{scene.image_id:09d}", data, caps, scene.image_id, rel))
+            scenes_json.append({
+                "image_id": scene.image_id, "file": rel, "colour": scene.colour, "shape": scene.shape,
+                "size": scene.size, "count": scene.count, "position": scene.position,
+            })
         _write_json(corpus.karpathy_split_json(split), lavis)
+        _write_json(corpus.scenes_json(split), scenes_json)
         info = {"description": "qformer_lightning synthetic corpus", "version": "1"}
         _write_json(corpus.vqa_questions(split), {
             "info": info, "task_type": "Open-Ended", "data_type": "synthetic", "license": {},
