@@ -200,6 +200,7 @@ class Stage2(Blip2Task):
         batch_size = batch["image"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         self.log_throughput(batch_size)
+        self.log_data_skips(batch)
         return self.guard_loss(loss, batch)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
