@@ -223,7 +223,7 @@ def iter_tar_samples(
     ordinal, key, members = -1, None, {}
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|")
-        infos = iter(tar)
+        infos = _members(tar)
         for info in infos:
             parts = split_name(info.name) if info.isfile() else None
             if parts is None:
@@ -243,6 +243,14 @@ def iter_tar_samples(
             yield ordinal, key, members
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         yield TruncatedAt(max(ordinal, 0), f"{type(err).__name__}: {err}")
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The tar's members in order, without keeping them: a ``TarFile`` lists every member it has
+    read (about 0.4 KB each: 13 MB for a shard of 10,000 samples, per open reader)."""
+    while (info := tar.next()) is not None:
+        tar.members = []
+        yield info
 
 
 def _count_samples(infos: Iterator[tarfile.TarInfo], key: str) -> int:
