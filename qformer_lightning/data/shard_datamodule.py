@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,7 +12,8 @@ import torch
 from qformer_lightning.data.base import ReplacementCounting
 from qformer_lightning.data.image import CLIP_MEAN, CLIP_STD, ImageTransform
 from qformer_lightning.data.plan import num_batches, rank_share, source_quota
-from qformer_lightning.data.shards import Shard, read_shards
+from qformer_lightning.data.shard_index import read_shards_indexed
+from qformer_lightning.data.shards import Shard
 from qformer_lightning.data.stream import CaptionDecoder, ResumableShardLoader, ShardLoader, ShardStream
 from qformer_lightning.data.synthetic import SyntheticCorpusConfig
 
@@ -78,6 +80,10 @@ class ShardDataModule(ReplacementCounting):
             checkpoint's: ``"error"`` (default; the error names every changed field) or
             ``"fresh_epoch"`` (for a corpus changed on purpose: log the changes and start a fresh
             data epoch at the saved step).
+        shard_index: a JSON index of the shards' sample counts, so that a restart reads no stats
+            file again (``qformer_lightning.data.shard_index``): a path, ``True`` (default:
+            ``shard_index.json`` in the trainer's ``default_root_dir``, beside the checkpoints;
+            none without a trainer) or ``False`` (read every stats file at each start-up).
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class ShardDataModule(ReplacementCounting):
         prefetch_factor: int = 2,
         synthetic: SyntheticCorpusConfig | None = None,
         on_layout_change: Literal["error", "fresh_epoch"] = "error",
+        shard_index: str | bool = True,
     ) -> None:
         super().__init__()
         if not sources:
@@ -126,6 +133,7 @@ class ShardDataModule(ReplacementCounting):
         self.prefetch_factor = prefetch_factor
         self.synthetic = synthetic
         self.on_layout_change = on_layout_change
+        self.shard_index = shard_index
         self._train: list[list[Shard]] | None = None
         self._val: list[list[Shard]] | None = None
 
@@ -133,15 +141,29 @@ class ShardDataModule(ReplacementCounting):
         if self.synthetic is not None:
             self.synthetic.make()
 
+    def shard_index_path(self) -> str | None:
+        """Where the shard index is read and written (see ``shard_index``), or ``None``."""
+        if isinstance(self.shard_index, str):
+            return self.shard_index
+        if not self.shard_index or self.trainer is None:
+            return None
+        return os.path.join(self.trainer.default_root_dir, "shard_index.json")
+
+    def _read_shards(self, source: ShardSource) -> list[Shard]:
+        """A source's shards and sample counts (stats files not in the index read concurrently;
+        rank 0 updates the index)."""
+        write = self.trainer is None or self.trainer.is_global_zero
+        return read_shards_indexed(source.urls, self.shard_index_path(), write=write)
+
     def setup(self, stage: str | None = None) -> None:
-        """Expand the URLs and read every shard's sample count (clear errors for missing data)."""
+        """Expand the URLs and get every shard's sample count (clear errors for missing data)."""
         if self._train is None:
-            self._train = [read_shards(s.urls) for s in self.sources]
+            self._train = [self._read_shards(s) for s in self.sources]
             for source, shards in zip(self.sources, self._train):
                 log.info("shard source %s: %d shards, %d samples", source.name or source.urls,
                          len(shards), sum(s.num_samples for s in shards))
         if self._val is None and self.val_sources:
-            self._val = [read_shards(s.urls) for s in self.val_sources]
+            self._val = [self._read_shards(s) for s in self.val_sources]
 
     @staticmethod
     def _names(sources: list[ShardSource]) -> list[str]:
