@@ -6,15 +6,16 @@
 batches already consumed by this rank), is set by the loader before each ``iter()``.
 
 :class:`ResumableShardLoader` is what the data module hands to Lightning: sized (``__len__`` =
-batches per rank per epoch), it advances the epoch on every ``iter()``, and its
-``state_dict()`` is the global position ``{"epoch", "batches"}`` (plus the layout it is valid
-for), the same on every rank, so the rank-0 state that Lightning saves restores every rank.
+batches per rank per epoch), it advances the epoch when an iteration yields its first batch
+(so Lightning's iterability check, an ``iter()`` never advanced, changes nothing), and its
+``state_dict()`` is the global position ``{"epoch", "batches"}`` (plus the data-layout
+fingerprint it is valid for, :func:`layout_fingerprint`), the same on every rank, so the rank-0 state that Lightning saves restores every rank.
 After skipping S batches, physical worker w acts as logical worker ``(w + S) mod W``, because
 PyTorch's round-robin over workers restarts at worker 0.
 
 Sample-level randomness (caption choice, crop, flip) is seeded by (seed, epoch, global position)
 and so does not depend on the number of ranks or workers. The order of samples does: resuming
-requires the same world size, number of workers and batch size (checked, with a clear error).
+requires the same data layout (checked, with an error naming each changed field).
 """
 
 from __future__ import annotations
