@@ -328,6 +328,27 @@ class LanguageModel(nn.Module):
             raise ValueError(f"target_suffix {self.target_suffix!r} is {len(ids)} tokens {ids}; it must be exactly one")
         return int(ids[0])
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Every token that ends a generated text: :attr:`stop_token_id` first, then the LLM's own
+        end tokens (the tokenizer's EOS, the model's ``generation_config.eos_token_id``) and, for a
+        decoder-only LM, its BOS. A chat model's turn ends in its own token (SmolLM2-Instruct:
+        ``<|im_end|>``) and the next one opens with BOS (``<|im_start|>``): a caption that only
+        stopped at a target suffix ran on into "assistant" and kept going to the length limit."""
+        model = self._require()
+        candidates = [self.tokenizer.eos_token_id]
+        generation = getattr(model, "generation_config", None)
+        for source in (generation, model.config):
+            eos = getattr(source, "eos_token_id", None)
+            candidates += eos if isinstance(eos, (list, tuple)) else [eos]
+        if not self.is_encoder_decoder:
+            candidates.append(self.tokenizer.bos_token_id)
+        ids = [self.stop_token_id]
+        for token in candidates:
+            if token is not None and int(token) not in ids and 0 <= int(token) < len(self.tokenizer):
+                ids.append(int(token))
+        return ids
+
     def _special_template(self) -> tuple[list[int], list[int]]:
         """The special tokens the tokenizer puts before and after a text (OPT: ``[</s>]``, ``[]``;
         T5: ``[]``, ``[</s>]``), found by tokenizing a probe with and without them."""
@@ -560,7 +581,7 @@ class LanguageModel(nn.Module):
             repetition_penalty=repetition_penalty,
             num_return_sequences=num_return_sequences,
             do_sample=False,
-            eos_token_id=self.stop_token_id,
+            eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
             bos_token_id=getattr(model.config, "bos_token_id", None),
             decoder_start_token_id=getattr(model.generation_config, "decoder_start_token_id", None)
@@ -588,11 +609,12 @@ class LanguageModel(nn.Module):
         return out[:, 1:] if self.is_encoder_decoder else out
 
     def decode(self, ids: Tensor) -> list[str]:
-        """(B, S) generated ids -> B stripped strings (special tokens and the stop token removed)."""
-        stop, pad = self.stop_token_id, self.pad_token_id
+        """(B, S) generated ids -> B stripped strings, each cut at its first stop token
+        (:attr:`stop_token_ids`), special tokens removed."""
+        stops, pad = set(self.stop_token_ids), self.pad_token_id
         texts = []
         for row in ids.tolist():
-            cut = row.index(stop) if stop in row else len(row)
+            cut = next((k for k, token in enumerate(row) if token in stops), len(row))
             kept = [t for t in row[:cut] if t != pad]
             texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
         return texts

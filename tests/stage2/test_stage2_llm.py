@@ -194,6 +194,30 @@ def test_decode_stops_at_stop_token() -> None:
     assert llm.decode(ids) == ["a dog", "two"]
 
 
+def test_generation_stops_at_the_llms_own_end_token() -> None:
+    """With a target suffix (".") the LLM's own EOS still ends a caption: the tiny OPT is made to
+    prefer its EOS at every step; it stops right after min_new_tokens instead of running to the limit."""
+    llm = tiny_llm("opt", target_suffix=".")
+    assert llm.stop_token_ids == [OPT["dot"], OPT["eos"]]  # the suffix, then the EOS (= BOS for OPT)
+    assert tiny_llm("t5").stop_token_ids == [T5["eos"]]
+    decoder = llm.model.model.decoder
+    with torch.no_grad():  # every position's hidden state = a multiple of EOS's embedding: EOS is the argmax
+        decoder.final_layer_norm.weight.zero_()
+        decoder.final_layer_norm.bias.copy_(10 * llm.model.get_input_embeddings().weight[OPT["eos"]])
+    soft = torch.randn(2, Q, 16)
+    for beams in (1, 3):
+        out = llm.generate(soft, num_beams=beams, max_new_tokens=8, min_new_tokens=2)
+        assert out.shape == (2, 3), (beams, out.tolist())  # two forced tokens, then the EOS
+        assert (out[:, 2] == OPT["eos"]).all() and not (out[:, :2] == OPT["eos"]).any()
+        assert all(len(text.split()) == 2 for text in llm.decode(out))
+    # before: generation stopped only at the suffix token and ran to max_new_tokens
+    from transformers import GenerationConfig
+
+    embeds, mask = llm.generation_inputs(soft)
+    config = GenerationConfig(max_new_tokens=8, min_new_tokens=2, eos_token_id=OPT["dot"], pad_token_id=OPT["pad"])
+    assert llm.generate_ids(embeds, mask, config).shape == (2, 8)
+
+
 def test_pad_sequences_and_errors(tmp_path) -> None:
     ids, mask = pad_sequences([[5, 6], [7]], 0, "left")
     assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
