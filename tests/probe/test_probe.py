@@ -18,9 +18,11 @@ from predict_tiny import VISION, llm_overrides, qformer, save_tokenizer, stage1_
 from stage2_tiny import word_tokenizer  # noqa: E402  (on the path through predict_tiny)
 
 from qformer_lightning.data.synthetic import make_synthetic_corpus  # noqa: E402
+from qformer_lightning.data.text import pre_question  # noqa: E402
 from qformer_lightning.probe import (  # noqa: E402
     attribute_correct,
     distinct_ratio,
+    load_images,
     load_task,
     named_counts,
     probe,
@@ -213,3 +215,25 @@ def test_a_stage1_checkpoint_is_refused(corpus, tmp_path) -> None:
     _fit(write_config(tmp_path / "s1.yaml", config))
     with pytest.raises(ValueError, match="is a Stage1 checkpoint: the probe generates text"):
         load_task(tmp_path / "ckpt" / "last.ckpt")
+
+
+def test_vqa_figures_of_a_tiny_vqa_task(corpus) -> None:
+    """The VQA branch on a tiny task (question through the Q-Former): every question type of the
+    probed images is scored, with the task's own answers."""
+    sys.path.insert(0, str(ROOT / "tests" / "finetune"))
+    from finetune_tiny import BERT, tiny_model
+
+    from qformer_lightning.probe import probe_vqa
+    from qformer_lightning.tasks.vqa import VQA
+
+    task = VQA(tiny_model("opt", text_ffn=True), tokenizer=BERT, max_question_length=16, num_beams=1, max_new_tokens=2)
+    task.configure_model()
+    scenes = read_scenes(corpus)[:3]
+    figures, examples = probe_vqa(task.eval(), corpus, scenes, batch_size=4)
+    kinds = {"colour", "count", "shape", "size"} | ({"position"} if any(s["position"] for s in scenes) else set())
+    assert {f"vqa/acc_{k}" for k in kinds} | {"vqa/acc", "grounding_gap", "prompt_cosine"} == set(figures)
+    assert all(0.0 <= figures[f"vqa/acc_{k}"] <= 100.0 for k in kinds)
+    question, answer = examples[0]
+    with torch.no_grad():
+        images = load_images(corpus, [scenes[0]["file"]], task.model.vision)
+        assert task.answer(images, [pre_question(question)]) == [answer]
