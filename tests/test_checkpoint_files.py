@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qformer_lightning.convert import load_pretrained
-from qformer_lightning.convert.into import read_lightning_state
+from qformer_lightning.convert.checkpoint import read_checkpoint
 from qformer_lightning.convert.lavis import read_lavis_checkpoint
 from qformer_lightning.errors import (
     CheckpointFileError,
@@ -110,7 +110,7 @@ def test_bad_file_names_the_newest_intact_sibling(kind: str, real_checkpoints: l
 def test_pretrained_sources_get_the_same_message(kind: str, real_checkpoints: list[Path], tmp_path: Path) -> None:
     intact = Path(shutil.copy(real_checkpoints[0], tmp_path / "stage1.ckpt"))
     for name, read in [
-        ("stage1-new.ckpt", read_lightning_state),  # Stage1/Stage2/retrieval `pretrained: x.ckpt`
+        ("stage1-new.ckpt", read_checkpoint),  # Stage1/Stage2/retrieval `pretrained: x.ckpt`
         ("blip2_pretrained.pth", read_lavis_checkpoint),  # a LAVIS file
         ("model.pt", load_pretrained),  # tools/convert_checkpoint.py
     ]:
@@ -129,8 +129,8 @@ def test_intact_files_pass_and_are_read(real_checkpoints: list[Path], tmp_path: 
         assert checkpoint_file_problem(path) is None and is_intact_checkpoint(path)
         check_checkpoint_file(path)
         check_checkpoint_task(path, "tests.TinyTask")  # another task would be refused by its name only
-    state, report = read_lightning_state(real_checkpoints[1])
-    assert report.kind == "qformer_lightning:TinyTask" and state == {}  # no `model.` module in the tiny task
+    checkpoint = read_checkpoint(real_checkpoints[1])
+    assert checkpoint.kind == "qformer_lightning:TinyTask" and checkpoint.state == {}  # no `model.` module in the tiny task
     legacy = tmp_path / "legacy.pth"
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
     assert checkpoint_file_problem(legacy) is None  # the pre-1.6 format: left to torch.load

@@ -1,8 +1,15 @@
 """Weight conversion: the only code that knows Hugging Face, LAVIS and BERT key names.
 
-Entry point: :func:`load_pretrained` detects the format of a path or hub id and returns our
-module plus a :class:`ConversionReport`. Format modules: :mod:`.hf`, :mod:`.lavis`, :mod:`.bert`,
-:mod:`.native` (our own file). ``tools/convert_checkpoint.py`` is the command-line form.
+Entry points, both starting from :func:`read_checkpoint` (which reads a source and recognises its
+format, once):
+
+- :func:`load_into` fills a model that is already built (a task's ``pretrained:``); the weights
+  present decide which parts are filled.
+- :func:`load_pretrained` builds the module a checkpoint describes and returns it with a
+  :class:`ConversionReport`; ``tools/convert_checkpoint.py`` is its command-line form.
+
+Format modules: :mod:`.hf` (file reading in :mod:`.hf_files`), :mod:`.lavis`, :mod:`.bert`,
+:mod:`.native` (our own file).
 """
 
 from __future__ import annotations
@@ -10,44 +17,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from qformer_lightning.convert import hf, lavis, native
+from qformer_lightning.convert.checkpoint import Checkpoint, read_checkpoint
+from qformer_lightning.convert.into import load_into
 from qformer_lightning.convert.parts import VisionQFormer
 from qformer_lightning.convert.report import CheckpointError, ConversionReport
-from qformer_lightning.errors import check_checkpoint_file
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.nn.qformer import QFormer
 
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
     "ConversionReport",
     "VisionQFormer",
-    "detect_format",
+    "load_into",
     "load_pretrained",
+    "read_checkpoint",
 ]
-
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def detect_format(source: str | Path) -> str:
-    """``"native"``, ``"lavis"`` (a torch file) or ``"hf"`` (a directory with config.json or a hub id).
-
-    Raises:
-        FileNotFoundError: a path that does not exist and is not a hub id.
-        CheckpointError: a file of another kind.
-    """
-    path = Path(source)
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return "hf"
-        raise CheckpointError(f"{path} is a directory without config.json (not a save_pretrained directory)")
-    if path.is_file():
-        if path.suffix not in _TORCH_SUFFIXES:
-            raise CheckpointError(f"{path}: unknown checkpoint file type {path.suffix!r} (expected {_TORCH_SUFFIXES})")
-        return "torch"
-    if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
-        return "hf"
-    raise FileNotFoundError(f"{source!r} is neither an existing file or directory nor a hub id (owner/name)")
 
 
 def load_pretrained(
@@ -57,13 +43,14 @@ def load_pretrained(
     strict: bool = True,
     **kwargs: Any,
 ) -> tuple[Blip2QFormerModel | VisionQFormer | QFormer, ConversionReport]:
-    """Load any supported checkpoint into our modules.
+    """Build the module a checkpoint describes and load it.
 
     - our file (:func:`~qformer_lightning.convert.native.save_native`) -> the saved model;
     - a LAVIS ``.pth`` -> :class:`Blip2QFormerModel` (stage 1) or :class:`VisionQFormer` (stage 2);
     - a Hugging Face directory or hub id -> :class:`Blip2QFormerModel` (``Blip2ForImageTextRetrieval``),
       :class:`VisionQFormer` (``Blip2ForConditionalGeneration``/``Blip2Model``) or :class:`QFormer`
-      (``Blip2QFormerModel``).
+      (``Blip2QFormerModel``); the weights present, not the config's ``use_qformer_text_input``,
+      decide whether the Q-Former has text parts.
 
     Args:
         source: file, directory or hub id.
@@ -74,29 +61,21 @@ def load_pretrained(
             for LAVIS files (head counts, an image encoder for checkpoints without one,
             ``trust_pickle``).
     """
-    kind = detect_format(source)
-    if kind == "hf":
-        from qformer_lightning.convert.hf import load_hf
-
-        return load_hf(source, image_size, frozen_vision, strict)
-    from qformer_lightning.convert import lavis, native
-
-    trust = bool(kwargs.pop("trust_pickle", False))
-    check_checkpoint_file(source, "pretrained checkpoint")
-    try:
-        obj = torch.load(source, map_location="cpu", weights_only=not trust)
-    except Exception as err:  # pickle.UnpicklingError and friends: say what to do
+    checkpoint = read_checkpoint(source, trust_pickle=bool(kwargs.pop("trust_pickle", False)))
+    if checkpoint.format == "native":
+        assert checkpoint.payload is not None
+        return native.load_native(checkpoint.payload, image_size, frozen_vision, name=checkpoint.source)
+    if checkpoint.format == "lavis":
+        model = lavis.build_from_lavis_state_dict(checkpoint.state, image_size, frozen_vision=frozen_vision, **kwargs)
+        return model, lavis.load_lavis_state_dict(model, checkpoint.state, checkpoint.source, strict)
+    if checkpoint.format == "hf" and checkpoint.config is not None:
+        return hf.build_and_load_hf(checkpoint.config, checkpoint.state, checkpoint.source, image_size, frozen_vision, strict)
+    if checkpoint.format == "hf":
         raise CheckpointError(
-            f"{source} could not be read as a weights-only torch file ({type(err).__name__}: {err}); if you trust "
-            "it, pass trust_pickle=True"
-        ) from err
-    if native.is_native(obj):
-        return native.load_native(obj, image_size, frozen_vision, name=str(source))
-    state = lavis.unwrap_lavis_state(obj, str(source))
-    if any(k.startswith("Qformer.bert.") for k in state):
-        model = lavis.build_from_lavis_state_dict(state, image_size, frozen_vision=frozen_vision, **kwargs)
-        return model, lavis.load_lavis_state_dict(model, state, str(source), strict)
+            f"{source}: a Hugging Face Blip2 state dict without its config cannot be built; pass its "
+            "save_pretrained directory (or fill a built model with load_into)"
+        )
     raise CheckpointError(
-        f"{source}: a torch file that is neither a qformer_lightning checkpoint nor a LAVIS BLIP-2 state dict "
-        f"(keys start {sorted(state)[:4]}); a Hugging Face state dict needs its save_pretrained directory"
+        f"{source} is a Lightning training checkpoint ({checkpoint.kind}): build the task's model from its "
+        "config and fill it with load_into (or start the task with pretrained: this file)"
     )

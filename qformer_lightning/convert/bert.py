@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from qformer_lightning.convert.hf_files import read_hf_checkpoint
 from qformer_lightning.convert.report import CheckpointError, ConversionReport, load_checked
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.nn.heads import LMHead
@@ -51,16 +52,10 @@ def read_bert_checkpoint(source: str | Path = DEFAULT_BERT) -> tuple[Any, dict[s
         FileNotFoundError: no such directory, or the hub is unreachable (the message says to pass
             a local directory).
     """
-    from transformers import AutoConfig
-
-    from qformer_lightning.convert.hf import _read_weights, _resolve_files
-
-    config_file, weights = _resolve_files(str(source))
-    config = AutoConfig.from_pretrained(str(config_file.parent))
-    if config.model_type != "bert":
-        raise CheckpointError(f"{source} holds a {config.model_type} model, not BERT")
-    state = _read_weights(weights, ())
-    return config, {k.removeprefix("bert."): v for k, v in state.items()}
+    checkpoint = read_hf_checkpoint(source)
+    if checkpoint.config.model_type != "bert":
+        raise CheckpointError(f"{source} holds a {checkpoint.config.model_type} model, not BERT")
+    return checkpoint.config, {k.removeprefix("bert."): v for k, v in checkpoint.state.items()}
 
 
 def _resize_rows(rows: Tensor, size: int, new_rows: Tensor) -> Tensor:

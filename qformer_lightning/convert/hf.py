@@ -11,7 +11,13 @@ Supported sources (a ``save_pretrained`` directory or a hub id):
 - ``Blip2ForConditionalGeneration`` / ``Blip2Model`` (``Salesforce/blip2-opt-2.7b``, ...): vision +
   Q-Former (without text parts) -> :class:`~qformer_lightning.convert.parts.VisionQFormer`; the
   ``language_projection.*``/``language_model.*`` tensors come back untouched (:func:`split_hf_state_dict`).
+  With ``use_qformer_text_input`` these classes hold text FFNs but no text embeddings: the weights
+  present, not that flag, decide the Q-Former's text parts, so such FFNs are ignored (noted).
 - ``Blip2QFormerModel``: a bare Q-Former (no query tokens, no text embeddings) -> :class:`QFormer`.
+
+Files are read by :mod:`.hf_files`; the format is recognised by :mod:`.checkpoint`. Into a model
+that is already built, :func:`hf_state_to_ours` maps whatever the checkpoint holds (the language
+side included: ``language_projection.*`` -> ``projection.*``, ``language_model.*`` -> ``llm.model.*``).
 
 Name mapping (theirs -> ours): Q-Former ``attention.attention.{query,key,value}`` -> fused
 ``self_attn.qkv_proj`` (rows ``[q; k; v]``), ``crossattention.attention.{key,value}`` -> fused
@@ -25,17 +31,16 @@ is EVA-shaped: ``self_attn.qkv.bias`` holds ``[q_bias; 0; v_bias]`` -> timm's ``
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from torch import Tensor
 
-from qformer_lightning.convert.keymap import KeyMap, KeyRule, bert_layer_rules, rename
+from qformer_lightning.convert.hf_files import read_hf_checkpoint
+from qformer_lightning.convert.keymap import KeyMap, KeyRule, bert_layer_rules, rename, rename_prefixes
 from qformer_lightning.convert.modules import (
     EVA_MODEL_NAME,
     build_vision,
@@ -51,20 +56,19 @@ from qformer_lightning.nn.qformer import QFormer
 
 log = logging.getLogger(__name__)
 
-LANGUAGE_PREFIXES = ("language_projection.", "language_model.")
+LANGUAGE_NAMES = {"language_projection.": "projection.", "language_model.": "llm.model."}
+"""The language side of a generative Hugging Face Blip2 checkpoint: its key prefixes -> ours
+(:class:`~qformer_lightning.models.blip2_llm.Blip2LLMModel`'s projection and LLM)."""
+LANGUAGE_PREFIXES = tuple(LANGUAGE_NAMES)
 """Key prefixes of the language side of a generative Hugging Face Blip2 checkpoint."""
+
+_TEXT_PARTS = re.compile(r"(embeddings\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)")
+"""Q-Former text parts of a full Blip2 checkpoint: text embeddings and text FFNs (not ``*_query``)."""
+_WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 
 _IGNORE = ("*position_ids",)
 _NOT_IN_HF = ("temp", "lm_head.*")
 """Our parameters that Hugging Face Blip2 checkpoints never hold."""
-
-_WEIGHT_FILES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
-
 
 # ----------------------------------------------------------------------------- key maps
 
@@ -128,7 +132,8 @@ def qformer_rules(bare: bool = False, text: bool = True) -> list[KeyRule]:
 
 
 def retrieval_keymap() -> KeyMap:
-    """``Blip2ForImageTextRetrieval`` <-> :class:`Blip2QFormerModel`."""
+    """``Blip2ForImageTextRetrieval`` <-> :class:`Blip2QFormerModel`: every vision, Q-Former and head
+    name of a full Blip2 checkpoint."""
     rules = vision_rules() + qformer_rules(text=True)
     rules += [
         rename("vision_proj.{p}", "vision_projection.{p}"),
@@ -159,6 +164,45 @@ def split_hf_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], di
     return rest, language
 
 
+def has_text_embeddings(state: dict[str, Tensor]) -> bool:
+    """Whether a full Blip2 state dict holds the Q-Former text embeddings (only
+    ``Blip2ForImageTextRetrieval`` has them; ``use_qformer_text_input`` alone adds text FFNs to
+    the layers of any Blip2 class, never the embeddings)."""
+    return _WORD_EMBEDDINGS in state
+
+
+def has_text_ffn(state: dict[str, Tensor], prefix: str = "qformer.") -> bool:
+    """Whether the Q-Former layers in ``state`` have text FFNs (``encoder.layer.{i}.intermediate.*``);
+    ``prefix`` is ``""`` for a bare ``Blip2QFormerModel``."""
+    return any(k.startswith(f"{prefix}encoder.layer.") and ".intermediate.dense." in k for k in state)
+
+
+def hf_state_to_ours(state: dict[str, Tensor], report: ConversionReport) -> dict[str, tuple[str, Tensor]]:
+    """Every tensor of a full Blip2 state dict (any Blip2 class) under our names, for a model that
+    is already built (:func:`qformer_lightning.convert.load_into`).
+
+    What the checkpoint holds is mapped, whatever it is: vision, Q-Former (with text FFNs and
+    embeddings if present), ITC/ITM heads, and the language side
+    (``language_projection.*`` -> ``projection.*``, ``language_model.*`` -> ``llm.model.*``).
+    Keys no rule covers go to ``report.unexpected``.
+
+    Raises:
+        CheckpointError: not a full Hugging Face Blip2 state dict (a bare ``Blip2QFormerModel``
+            has no names in a full model: build it with :func:`~qformer_lightning.convert.load_pretrained`).
+    """
+    kind = detect_hf_kind(state)
+    if kind == "qformer":
+        raise CheckpointError(
+            f"{report.source} is a bare Blip2QFormerModel checkpoint: build a QFormer from it with "
+            "qformer_lightning.convert.load_pretrained"
+        )
+    _note_key_bias(state, report)
+    rest, language = split_hf_state_dict(state)
+    mapped = retrieval_keymap().to_ours(rest, report)
+    mapped.update(rename_prefixes(language, LANGUAGE_NAMES, report))
+    return mapped
+
+
 def detect_hf_kind(state: dict[str, Tensor]) -> str:
     """``"retrieval"``, ``"generation"``, ``"vision_qformer"`` or ``"qformer"`` from the key names.
 
@@ -178,115 +222,6 @@ def detect_hf_kind(state: dict[str, Tensor]) -> str:
         return "qformer"
     sample = sorted(keys)[:5]
     raise CheckpointError(f"not a Hugging Face Blip2 checkpoint (no query_tokens / qformer.encoder.layer.*); keys start {sample}")
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-@dataclass
-class HFCheckpoint:
-    """A Hugging Face checkpoint read into memory.
-
-    Attributes:
-        source: the directory or hub id.
-        config: ``Blip2Config`` or ``Blip2QFormerConfig``.
-        state: tensor name -> tensor (CPU).
-        architecture: ``config.architectures[0]`` if recorded, else the model type.
-    """
-
-    source: str
-    config: Any
-    state: dict[str, Tensor]
-    architecture: str
-
-
-def _offline_error(source: str, err: Exception) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"could not load {source!r} from the Hugging Face hub ({type(err).__name__}: {err}). Without network "
-        "access (or with HF_HUB_OFFLINE=1 and nothing cached), download it where the hub is reachable "
-        "(`model.save_pretrained(dir)` or `hf download REPO --local-dir dir`) and pass the local directory."
-    )
-
-
-def _resolve_files(source: str) -> tuple[Path, list[Path]]:
-    """The config file and the weight files of a local directory or a hub id (downloaded if needed)."""
-    path = Path(source)
-    if path.is_dir():
-        config = path / "config.json"
-        if not config.is_file():
-            raise FileNotFoundError(f"{path} has no config.json: not a save_pretrained directory")
-        for name in _WEIGHT_FILES:
-            if (path / name).is_file():
-                return config, _expand_index(path / name, lambda shard: path / shard)
-        raise FileNotFoundError(f"{path} holds none of {list(_WEIGHT_FILES)}")
-    if path.exists() or source.count("/") != 1 or source.startswith((".", "/")):
-        raise FileNotFoundError(f"{source!r} is neither a directory nor a hub id (owner/name)")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        config = Path(hf_hub_download(source, "config.json"))
-    except Exception as err:  # offline, unknown repo, no network: all need the same advice
-        raise _offline_error(source, err) from err
-    for name in _WEIGHT_FILES:
-        try:
-            first = Path(hf_hub_download(source, name))
-        except LocalEntryNotFoundError as err:
-            raise _offline_error(source, err) from err
-        except (EntryNotFoundError, OSError):
-            continue
-        return config, _expand_index(first, lambda shard: Path(hf_hub_download(source, shard)))
-    raise FileNotFoundError(f"hub repo {source} holds none of {list(_WEIGHT_FILES)}")
-
-
-def _expand_index(path: Path, fetch: Any) -> list[Path]:
-    """A weight file, or the shards an ``*.index.json`` names."""
-    if not path.name.endswith(".index.json"):
-        return [path]
-    shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-    return [fetch(shard) for shard in shards]
-
-
-def _skipped(key: str, prefixes: tuple[str, ...]) -> bool:
-    return bool(prefixes) and key.startswith(prefixes)
-
-
-def _read_weights(files: Iterable[Path], skip_prefixes: tuple[str, ...]) -> dict[str, Tensor]:
-    state: dict[str, Tensor] = {}
-    files = list(files)
-    for file in tqdm(files, desc="reading weights", unit="file", disable=None if len(files) > 1 else True):
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    if not _skipped(key, skip_prefixes):
-                        state[key] = handle.get_tensor(key)
-        else:
-            part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            state.update({k: v for k, v in part.items() if not _skipped(k, skip_prefixes)})
-    return state
-
-
-def read_hf_checkpoint(source: str | Path, skip_prefixes: tuple[str, ...] = ()) -> HFCheckpoint:
-    """Read the config and tensors of a ``save_pretrained`` directory or hub id.
-
-    Args:
-        source: a local directory (config.json + model.safetensors, sharded safetensors with their
-            index, or pytorch_model.bin) or a hub id such as ``Salesforce/blip2-itm-vit-g``.
-        skip_prefixes: key prefixes not to read (e.g. :data:`LANGUAGE_PREFIXES` to skip the LLM).
-
-    Raises:
-        FileNotFoundError: no such directory, no weights, or the hub is unreachable (the message
-            says to pass a local directory).
-    """
-    from transformers import AutoConfig
-
-    config_file, weight_files = _resolve_files(str(source))
-    config = AutoConfig.from_pretrained(str(config_file.parent))
-    state = _read_weights(weight_files, tuple(skip_prefixes))
-    archs = getattr(config, "architectures", None) or [config.model_type]
-    return HFCheckpoint(source=str(source), config=config, state=state, architecture=archs[0])
 
 
 # ----------------------------------------------------------------------------- building
@@ -338,13 +273,16 @@ def build_vision_from_hf_config(
     return build_vision(args, norm_eps=float(vision_config.layer_norm_eps))
 
 
-def build_qformer_from_hf_config(config: Any, num_query_tokens: int | None = None) -> QFormer:
+def build_qformer_from_hf_config(config: Any, num_query_tokens: int | None = None, text: bool | None = None) -> QFormer:
     """Our :class:`QFormer` shaped like a Hugging Face Blip2 config.
 
     Args:
         config: ``Blip2Config`` (its ``qformer_config`` and ``num_query_tokens``) or a bare
             ``Blip2QFormerConfig``.
         num_query_tokens: Q for a bare ``Blip2QFormerConfig`` (default 32).
+        text: build the text embeddings and text FFNs. The loaders decide it from the weights
+            (:func:`has_text_embeddings`); None takes the config's ``use_qformer_text_input``,
+            which a ``Blip2ForConditionalGeneration`` may set without having text embeddings.
     """
     qc = _sub_config(config, "qformer_config")
     _check_gelu(qc.hidden_act, "qformer_config")
@@ -362,7 +300,7 @@ def build_qformer_from_hf_config(config: Any, num_query_tokens: int | None = Non
         layer_norm_eps=float(qc.layer_norm_eps),
         dropout=float(qc.hidden_dropout_prob),
         attention_dropout=float(qc.attention_probs_dropout_prob),
-        text_ffn=bool(qc.use_qformer_text_input),
+        text_ffn=bool(qc.use_qformer_text_input) if text is None else text,
         initializer_range=float(qc.initializer_range),
         pad_token_id=qc.pad_token_id if qc.pad_token_id is not None else 0,
     )
@@ -383,10 +321,10 @@ def build_from_hf_config(config: Any, image_size: int | None = None, frozen_visi
     if not getattr(config, "qformer_config", None) or not config.qformer_config.use_qformer_text_input:
         raise CheckpointError(
             "the config has no Q-Former text input (use_qformer_text_input=False): it is a generative "
-            "Blip2 checkpoint; load its vision + Q-Former as a VisionQFormer (load_hf_parts, build_parts_from_hf_config)"
+            "Blip2 checkpoint; load its vision + Q-Former as a VisionQFormer (convert.load_pretrained)"
         )
     vision = build_vision_from_hf_config(config.vision_config, image_size, frozen_vision)
-    qformer = build_qformer_from_hf_config(config)
+    qformer = build_qformer_from_hf_config(config, text=True)
     return Blip2QFormerModel(
         vision,
         qformer,
@@ -396,12 +334,22 @@ def build_from_hf_config(config: Any, image_size: int | None = None, frozen_visi
     )
 
 
-def build_parts_from_hf_config(config: Any, image_size: int | None = None, frozen_vision: bool = True) -> VisionQFormer:
-    """Vision + Q-Former shaped like any Hugging Face ``Blip2Config`` (text parts only if the
-    config has Q-Former text input); the language side is filled in by the loader."""
+def build_parts_from_hf_config(
+    config: Any, image_size: int | None = None, frozen_vision: bool = True, text: bool | None = None
+) -> VisionQFormer:
+    """Vision + Q-Former shaped like any Hugging Face ``Blip2Config``; the language side is filled
+    in by the loader.
+
+    Args:
+        config: ``Blip2Config``.
+        image_size: see :func:`build_vision_from_hf_config`.
+        frozen_vision: freeze the ViT.
+        text: Q-Former text parts; see :func:`build_qformer_from_hf_config`.
+    """
     vision = build_vision_from_hf_config(config.vision_config, image_size, frozen_vision)
     text_config = getattr(config, "text_config", None)
-    return VisionQFormer(vision, build_qformer_from_hf_config(config), language_config=text_config.to_dict() if text_config else None)
+    qformer = build_qformer_from_hf_config(config, text=text)
+    return VisionQFormer(vision, qformer, language_config=text_config.to_dict() if text_config else None)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -413,6 +361,19 @@ def _note_key_bias(state: dict[str, Tensor], report: ConversionReport) -> None:
             k_bias = tensor.chunk(3)[1]
             if k_bias.abs().max() > 0:
                 report.notes.append(f"{key}: non-zero key bias dropped (it cannot change attention outputs)")
+
+
+def _drop_text_parts(state: dict[str, Tensor], report: ConversionReport) -> dict[str, Tensor]:
+    """``state`` without the Q-Former text embeddings and text FFNs, which go to ``report.ignored``
+    (a Q-Former without text parts has no place for them)."""
+    text = {k for k in state if _TEXT_PARTS.match(k)}
+    if text:
+        report.ignored.extend(sorted(text))
+        report.notes.append(
+            f"{len(text)} Q-Former text tensors (text FFNs/embeddings) ignored: the Q-Former is built without text parts"
+            + ("" if has_text_embeddings(state) else " (the checkpoint has no text embeddings to feed its text FFNs)")
+        )
+    return {k: v for k, v in state.items() if k not in text}
 
 
 def load_hf_state_dict(
@@ -446,8 +407,9 @@ def load_hf_state_dict(
     if isinstance(model, Blip2QFormerModel):
         if kind != "retrieval":
             raise CheckpointError(
-                f"{source} is a Hugging Face Blip2 '{kind}' checkpoint without the Q-Former text parts and "
-                "ITC/ITM heads; load it into a VisionQFormer (load_hf_parts) or a QFormer"
+                f"{source} is a Hugging Face Blip2 '{kind}' checkpoint without the Q-Former text embeddings and "
+                "ITC/ITM heads; build a VisionQFormer from it (convert.load_pretrained) or fill a built model "
+                "with what it has (convert.load_into)"
             )
         keymap, allowed = retrieval_keymap(), _NOT_IN_HF
         report.notes.append(
@@ -467,6 +429,8 @@ def load_hf_state_dict(
             drop = ("vision_projection.", "text_projection.", "itm_head.")
             report.ignored.extend(k for k in state if k.startswith(drop))
             state = {k: v for k, v in state.items() if not k.startswith(drop)}
+        if not model.qformer.has_text:
+            state = _drop_text_parts(state, report)
     elif isinstance(model, QFormer):
         if kind != "qformer":
             raise CheckpointError(f"{source} is a full Blip2 '{kind}' checkpoint: load it into a VisionQFormer")
@@ -478,11 +442,53 @@ def load_hf_state_dict(
     return load_checked(model, mapped, report, allowed_missing=allowed, resample=("vision.vit.pos_embed",), strict=strict)
 
 
-def _full_blip2(ckpt: HFCheckpoint) -> None:
-    if getattr(ckpt.config, "model_type", "") != "blip-2":
-        raise CheckpointError(
-            f"{ckpt.source} holds a {ckpt.architecture} ({ckpt.config.model_type}), not a full Blip2 model"
-        )
+def _architecture(config: Any) -> str:
+    """``config.architectures[0]`` if recorded, else the model type."""
+    return (getattr(config, "architectures", None) or [config.model_type])[0]
+
+
+def build_and_load_hf(
+    config: Any,
+    state: dict[str, Tensor],
+    source: str = "<state_dict>",
+    image_size: int | None = None,
+    frozen_vision: bool = True,
+    strict: bool = True,
+) -> tuple[Blip2QFormerModel | VisionQFormer | QFormer, ConversionReport]:
+    """Build the module a Hugging Face checkpoint's weights describe and load them into it.
+
+    - ``Blip2QFormerModel`` (``model_type`` ``blip_2_qformer``) -> a bare :class:`QFormer`, with
+      text FFNs if its layers have them;
+    - a full Blip2 holding the Q-Former text embeddings (``Blip2ForImageTextRetrieval``) ->
+      :class:`Blip2QFormerModel`;
+    - any other full Blip2 (``Blip2ForConditionalGeneration``, ``Blip2Model``) ->
+      :class:`VisionQFormer` without Q-Former text parts: ``use_qformer_text_input`` gives these
+      classes text FFNs but no text embeddings, so the text FFNs cannot be used and are ignored (noted).
+
+    Args:
+        config: the checkpoint's config (``Blip2Config`` or ``Blip2QFormerConfig``).
+        state: its tensors.
+        source: named in the report and in errors.
+        image_size: resolution to run at (position embeddings resampled when it differs).
+        frozen_vision: freeze the ViT.
+        strict: see :func:`load_hf_state_dict`.
+
+    Raises:
+        CheckpointError: a model type other than Blip2, or see :func:`load_hf_state_dict`.
+    """
+    model_type = getattr(config, "model_type", "")
+    model: Blip2QFormerModel | VisionQFormer | QFormer
+    if model_type == "blip_2_qformer":
+        model = build_qformer_from_hf_config(config, text=has_text_ffn(state, prefix=""))
+    elif model_type != "blip-2":
+        raise CheckpointError(f"{source} holds a {model_type} model, not Blip2")
+    elif detect_hf_kind(state) == "retrieval":
+        model = build_from_hf_config(config, image_size, frozen_vision)
+    else:
+        model = build_parts_from_hf_config(config, image_size, frozen_vision, text=has_text_embeddings(state))
+    report = load_hf_state_dict(model, state, source, strict)
+    report.kind = f"hf:{_architecture(config)}"
+    return model, report
 
 
 def load_hf_retrieval(
@@ -495,71 +501,22 @@ def load_hf_retrieval(
         image_size: resolution to run at (position embeddings resampled when it differs).
         frozen_vision: freeze the ViT.
         strict: see :func:`load_hf_state_dict`.
+
+    Raises:
+        CheckpointError: another model type, or a Blip2 checkpoint without the Q-Former text
+            embeddings and ITC/ITM heads (a generative one).
     """
     ckpt = read_hf_checkpoint(source, skip_prefixes=LANGUAGE_PREFIXES)
-    _full_blip2(ckpt)
-    model = build_from_hf_config(ckpt.config, image_size, frozen_vision)
-    report = load_hf_state_dict(model, ckpt.state, ckpt.source, strict)
-    report.kind = f"hf:{ckpt.architecture}"
+    if getattr(ckpt.config, "model_type", "") != "blip-2":
+        raise CheckpointError(f"{ckpt.source} holds a {ckpt.architecture} ({ckpt.config.model_type}), not a full Blip2 model")
+    if detect_hf_kind(ckpt.state) != "retrieval":
+        raise CheckpointError(
+            f"{ckpt.source} ({ckpt.architecture}) has no Q-Former text embeddings and ITC/ITM heads: load its "
+            "vision + Q-Former as a VisionQFormer (qformer_lightning.convert.load_pretrained)"
+        )
+    model, report = build_and_load_hf(ckpt.config, ckpt.state, ckpt.source, image_size, frozen_vision, strict)
+    assert isinstance(model, Blip2QFormerModel)
     return model, report
-
-
-def load_hf_parts(
-    source: str | Path,
-    image_size: int | None = None,
-    frozen_vision: bool = True,
-    with_language: bool = True,
-    strict: bool = True,
-) -> tuple[VisionQFormer, ConversionReport]:
-    """Build and load vision + Q-Former from any full Blip2 checkpoint (``Blip2ForConditionalGeneration``,
-    ``Blip2Model``, ``Blip2ForImageTextRetrieval``); the language side goes to ``language_state``.
-
-    Args:
-        source: ``save_pretrained`` directory or hub id.
-        image_size: resolution to run at.
-        frozen_vision: freeze the ViT.
-        with_language: also read ``language_projection.*``/``language_model.*`` (False skips the LLM's tensors).
-        strict: see :func:`load_hf_state_dict`.
-    """
-    ckpt = read_hf_checkpoint(source, skip_prefixes=() if with_language else LANGUAGE_PREFIXES)
-    _full_blip2(ckpt)
-    parts = build_parts_from_hf_config(ckpt.config, image_size, frozen_vision)
-    report = load_hf_state_dict(parts, ckpt.state, ckpt.source, strict)
-    report.kind = f"hf:{ckpt.architecture}"
-    return parts, report
-
-
-def load_hf_qformer(
-    source: str | Path, num_query_tokens: int = 32, strict: bool = True
-) -> tuple[QFormer, ConversionReport]:
-    """Build and load a bare :class:`QFormer` from a Hugging Face ``Blip2QFormerModel`` directory or hub id."""
-    ckpt = read_hf_checkpoint(source)
-    if getattr(ckpt.config, "model_type", "") != "blip_2_qformer":
-        raise CheckpointError(f"{source} holds a {ckpt.architecture} ({ckpt.config.model_type}), not a Blip2QFormerModel")
-    model = build_qformer_from_hf_config(ckpt.config, num_query_tokens)
-    report = load_hf_state_dict(model, ckpt.state, ckpt.source, strict)
-    report.kind = f"hf:{ckpt.architecture}"
-    return model, report
-
-
-def load_hf(
-    source: str | Path, image_size: int | None = None, frozen_vision: bool = True, strict: bool = True
-) -> tuple[Blip2QFormerModel | VisionQFormer | QFormer, ConversionReport]:
-    """Load any supported Hugging Face Blip2 checkpoint into the matching module of ours:
-    retrieval -> :class:`Blip2QFormerModel`, generation/``Blip2Model`` -> :class:`VisionQFormer`,
-    ``Blip2QFormerModel`` -> :class:`QFormer`."""
-    from transformers import AutoConfig
-
-    config_file, _ = _resolve_files(str(source))
-    config = AutoConfig.from_pretrained(str(config_file.parent))
-    if config.model_type == "blip_2_qformer":
-        return load_hf_qformer(source, strict=strict)
-    if config.model_type != "blip-2":
-        raise CheckpointError(f"{source} holds a {config.model_type} model, not Blip2")
-    archs = getattr(config, "architectures", None) or []
-    if config.qformer_config.use_qformer_text_input and "Blip2ForConditionalGeneration" not in archs:
-        return load_hf_retrieval(source, image_size, frozen_vision, strict)
-    return load_hf_parts(source, image_size, frozen_vision, strict=strict)
 
 
 # ----------------------------------------------------------------------------- export

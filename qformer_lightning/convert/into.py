@@ -1,60 +1,66 @@
-"""Load a checkpoint into a model that is already built (the task's own architecture).
+"""Fill a model that is already built (the task's own architecture) from any weight source.
 
-:func:`~qformer_lightning.convert.load_pretrained` builds a module from a checkpoint; a task
-that starts from weights (``pretrained:`` in YAML) instead has its model built from the YAML
-and fills what the checkpoint has. The helpers here do that by our parameter names and report
-every tensor: loaded, left as built, or dropped.
+:func:`load_into` is what a task's ``pretrained:`` goes through (stage 1, retrieval, stage 2 and
+its finetunes), whatever the source: this project's Lightning ``.ckpt``, our converted file, a
+Hugging Face Blip2 directory / hub id / state dict, or a LAVIS ``.pth``. The source is read and its
+format recognised once (:func:`~qformer_lightning.convert.checkpoint.read_checkpoint`); the
+format's module puts its tensors under our names (:func:`~qformer_lightning.convert.hf.hf_state_to_ours`,
+:func:`~qformer_lightning.convert.lavis.lavis_state_to_ours`; ours already have them); then every
+tensor of the model whose name the checkpoint holds is filled. The weights present decide which
+parts are loaded, never the model's or the checkpoint's class: a generation checkpoint fills a
+stage-1 model's vision and Q-Former and leaves its text parts and heads as built, a stage-1
+checkpoint fills a stage-2 model's vision and Q-Former and its text parts are dropped. Every
+tensor is reported: loaded, left as built, dropped, resampled.
+
+(:func:`~qformer_lightning.convert.load_pretrained` instead builds a module shaped like the checkpoint.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
-import torch
 from torch import Tensor, nn
 
-from qformer_lightning.convert.report import CheckpointError, ConversionReport, resample_grid_pos_embed
-from qformer_lightning.errors import check_checkpoint_file
-from qformer_lightning.models.blip2 import Blip2QFormerModel
+from qformer_lightning.convert import hf, lavis
+from qformer_lightning.convert.checkpoint import Checkpoint, read_checkpoint
+from qformer_lightning.convert.keymap import rename_prefixes
+from qformer_lightning.convert.report import ConversionReport, load_checked
 
-__all__ = ["copy_matching", "finish_report", "load_into", "load_lightning_into", "read_lightning_state", "resample_vit_pos_embed"]
+__all__ = ["VIT_POS_EMBED", "load_into", "to_our_names"]
 
 VIT_POS_EMBED = "vision.vit.pos_embed"
 """Our name of the ViT position embeddings (resampled when the resolution changes)."""
 
 _TOP_LEVEL = ("model", "vision", "qformer", "llm")
+_LANGUAGE_MODULES = {"projection", "llm"}
+"""Our modules of the language side (:class:`~qformer_lightning.models.blip2_llm.Blip2LLMModel`)."""
 
 
-def copy_matching(model: nn.Module, state: dict[str, Tensor], report: ConversionReport) -> None:
-    """Copy tensors whose (our) names exist in ``model``; fills ``loaded``/``unexpected`` only.
+def to_our_names(checkpoint: Checkpoint, report: ConversionReport) -> dict[str, tuple[str, Tensor]]:
+    """The checkpoint's tensors under our names: our name -> (checkpoint key(s), tensor).
 
-    Raises:
-        CheckpointError: a tensor whose shape differs from the model's (both shapes named).
+    Keys that have no name of ours go to ``report.unexpected`` (and notes to ``report.notes``).
     """
-    own = model.state_dict()
-    for name, tensor in state.items():
-        if name not in own:
-            report.unexpected.append(name)
-            continue
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise CheckpointError(
-                f"{report.source}: shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(own[name].shape)}"
-            )
-        with torch.no_grad():
-            own[name].copy_(tensor.to(own[name].dtype))
-        report.loaded.append(name)
+    if checkpoint.format == "hf":
+        return hf.hf_state_to_ours(checkpoint.state, report)
+    if checkpoint.format == "lavis":
+        return lavis.lavis_state_to_ours(checkpoint.state, report)
+    mapped = {name: (name, tensor) for name, tensor in checkpoint.state.items()}
+    language_names = {**hf.LANGUAGE_NAMES, **lavis.LANGUAGE_NAMES}  # a native file keeps its source's names
+    mapped.update(rename_prefixes(checkpoint.language, language_names, report))
+    return mapped
 
 
-def finish_report(model: nn.Module, loaded: set[str], report: ConversionReport) -> ConversionReport:
-    """Set ``report.loaded``/``missing`` over all of ``model``'s names (a tied name counts as loaded
-    when its partner is) and add prefix counts of what was dropped and left to the notes."""
-    by_tensor: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(tensor), []).append(name)
-    done = {name for names in by_tensor.values() if loaded & set(names) for name in names}
-    names = list(model.state_dict())
-    report.loaded = [n for n in names if n in done]
-    report.missing = [n for n in names if n not in done]
+def _unread_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Hugging Face keys not worth reading into ``model``: the LLM and projection of a generative
+    checkpoint (billions of parameters) when the model has no language side (stage 1)."""
+    has_language = bool(_LANGUAGE_MODULES & {name for name, _ in model.named_children()})
+    return () if has_language else hf.LANGUAGE_PREFIXES
+
+
+def _note_dropped_and_left(report: ConversionReport) -> ConversionReport:
+    """Add prefix counts of what was dropped and what was left as built to ``report.notes``."""
     for label, keys in (("dropped (not used by this model)", report.unexpected), ("left as built", report.missing)):
         counts: dict[str, int] = {}
         for key in keys:
@@ -66,85 +72,33 @@ def finish_report(model: nn.Module, loaded: set[str], report: ConversionReport) 
     return report
 
 
-def resample_vit_pos_embed(model: nn.Module, state: dict[str, Tensor], report: ConversionReport) -> None:
-    """Resample ``vision.vit.pos_embed`` in ``state`` (in place) to the model's token grid.
+def load_into(
+    model: nn.Module, source: str | Path | Mapping[str, Tensor] | Checkpoint, trust_pickle: bool = False
+) -> ConversionReport:
+    """Fill a built model from any weight source; the weights present decide what is filled.
 
-    A checkpoint trained at 224 px can start a 364 px finetune: the position embeddings are
-    interpolated (bicubic) to the new grid; the class token's embedding is kept.
-    """
-    own = model.state_dict().get(VIT_POS_EMBED)
-    theirs = state.get(VIT_POS_EMBED)
-    if own is None or theirs is None or theirs.shape == own.shape:
-        return
-    vit = model.get_submodule("vision.vit")
-    prefix = getattr(vit, "num_prefix_tokens", 1)
-    state[VIT_POS_EMBED] = resample_grid_pos_embed(theirs, own.shape[1], prefix)
-    report.resampled.append(VIT_POS_EMBED)
-    report.notes.append(f"{VIT_POS_EMBED} resampled from {theirs.shape[1]} to {own.shape[1]} tokens (bicubic)")
-
-
-def read_lightning_state(path: str | Path) -> tuple[dict[str, Tensor], ConversionReport]:
-    """The model tensors of one of this project's Lightning checkpoints, ``model.`` prefix removed.
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointFileError: an empty, truncated or corrupt file, or not a torch file.
-        CheckpointError: a ``.ckpt`` that this project did not write.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    check_checkpoint_file(path, "pretrained checkpoint")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    meta = checkpoint.get("qformer_lightning") if isinstance(checkpoint, dict) else None
-    if meta is None or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not a qformer_lightning checkpoint (no 'qformer_lightning' entry)")
-    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    report = ConversionReport(source=str(path), kind=f"qformer_lightning:{meta['task']}")
-    if meta.get("dropped_frozen_keys"):
-        report.notes.append(
-            f"{len(meta['dropped_frozen_keys'])} frozen tensors were not stored in the checkpoint: "
-            "they keep the weights from their own source"
-        )
-    return state, report
-
-
-def load_lightning_into(model: nn.Module, path: str | Path) -> ConversionReport:
-    """Fill any built model from one of this project's Lightning checkpoints, by our names: what
-    the model lacks is dropped, what the checkpoint lacks is left as built (both reported), the
-    ViT position embeddings are resampled to the model's resolution.
-
-    Raises:
-        FileNotFoundError, CheckpointError: see :func:`read_lightning_state`; shape mismatches.
-    """
-    state, report = read_lightning_state(path)
-    resample_vit_pos_embed(model, state, report)
-    copy_matching(model, state, report)
-    return finish_report(model, set(report.loaded), report)
-
-
-def load_into(model: Blip2QFormerModel, source: str | Path) -> ConversionReport:
-    """Fill a built stage-1 model (:class:`Blip2QFormerModel`) from a checkpoint.
-
-    Sources: this project's Lightning ``.ckpt`` (any stage: what this model lacks is dropped
-    and reported), a LAVIS stage-1 ``.pth``, or a Hugging Face ``Blip2ForImageTextRetrieval``
-    directory / hub id.
+    Args:
+        model: the model (:class:`~qformer_lightning.models.blip2.Blip2QFormerModel`,
+            :class:`~qformer_lightning.models.blip2_llm.Blip2LLMModel` after ``build()``, or any
+            module with our parameter names).
+        source: a Lightning ``.ckpt`` of this project (any stage), our converted file, a LAVIS
+            ``.pth``, a Hugging Face Blip2 directory or hub id, a state dict in memory (LAVIS or
+            Hugging Face names), or a :class:`Checkpoint` already read.
+        trust_pickle: see :func:`~qformer_lightning.convert.checkpoint.read_checkpoint`.
 
     Returns:
-        The report (``loaded``, ``missing`` = left as built, ``unexpected`` = dropped).
+        The report: ``loaded`` (our names), ``missing`` (ours left as built, e.g. an LLM that
+        comes from its own source), ``unexpected`` (checkpoint keys dropped: parts this model does
+        not have), ``resampled`` (the ViT position embeddings at another resolution), notes.
 
     Raises:
-        CheckpointError: shape mismatches, a checkpoint of another kind (e.g. a stage-2 LAVIS
-            file without the Q-Former text parts).
+        FileNotFoundError: no such source.
+        CheckpointFileError: a corrupt torch file.
+        CheckpointError: a source of no supported format, a tensor whose shape differs from the
+            model's (both shapes named), tied tensors with different values in the checkpoint.
     """
-    path = Path(source)
-    if path.suffix == ".ckpt":
-        return load_lightning_into(model, path)
-    if path.suffix in (".pth", ".pt", ".bin") and path.is_file():
-        from qformer_lightning.convert.lavis import load_lavis_state_dict, read_lavis_checkpoint
-
-        return load_lavis_state_dict(model, read_lavis_checkpoint(path), str(path), strict=False)
-    from qformer_lightning.convert.hf import load_hf_state_dict, read_hf_checkpoint
-
-    checkpoint = read_hf_checkpoint(source)
-    return load_hf_state_dict(model, checkpoint.state, checkpoint.source, strict=False)
+    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source, trust_pickle, _unread_prefixes(model))
+    report = ConversionReport(source=checkpoint.source, kind=checkpoint.kind, notes=list(checkpoint.notes))
+    mapped = to_our_names(checkpoint, report)
+    load_checked(model, mapped, report, resample=(VIT_POS_EMBED,), strict=False, warn_missing=False)
+    return _note_dropped_and_left(report)

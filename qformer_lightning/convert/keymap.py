@@ -202,3 +202,22 @@ def eva_block_rules(ours_prefix: str, theirs_prefix: str) -> list[KeyRule]:
     rules = [rename(f"{o}.{n}", f"{t}.{n}") for n in names]
     rules += [rename(f"{o}.blocks.{{i}}.{n}", f"{t}.blocks.{{i}}.{n}") for n in block]
     return rules
+
+
+def rename_prefixes(
+    state: dict[str, Tensor], table: dict[str, str], report: ConversionReport
+) -> dict[str, tuple[str, Tensor]]:
+    """Checkpoint tensors whose key starts with a prefix in ``table`` under our prefix instead
+    (``language_model.x`` -> ``llm.model.x``); keys with none of the prefixes go to ``report.unexpected``.
+
+    Returns:
+        our name -> (checkpoint key, tensor).
+    """
+    out: dict[str, tuple[str, Tensor]] = {}
+    for key, tensor in state.items():
+        theirs = next((prefix for prefix in table if key.startswith(prefix)), None)
+        if theirs is None:
+            report.unexpected.append(key)
+        else:
+            out[table[theirs] + key[len(theirs) :]] = (key, tensor)
+    return out

@@ -29,19 +29,18 @@ LM head before saving; they load into :class:`~qformer_lightning.convert.parts.V
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from qformer_lightning.convert.keymap import KeyMap, bert_layer_rules, eva_block_rules, rename
+from qformer_lightning.convert.keymap import KeyMap, bert_layer_rules, eva_block_rules, rename, rename_prefixes
 from qformer_lightning.convert.modules import EVA_MODEL_NAME, build_vision, check_eva, mlp_ratio_for
 from qformer_lightning.convert.parts import VisionQFormer
 from qformer_lightning.convert.report import CheckpointError, ConversionReport, load_checked
+from qformer_lightning.convert.torch_file import load_torch_file
 from qformer_lightning.encoders.vision import TimmVisionEncoder
-from qformer_lightning.errors import check_checkpoint_file
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.nn.qformer import QFormer
 
@@ -49,6 +48,9 @@ log = logging.getLogger(__name__)
 
 LANGUAGE_PREFIXES = ("opt_proj.", "t5_proj.", "llm_proj.", "opt_model.", "t5_model.", "llm_model.")
 """Key prefixes of the language side of a LAVIS stage-2 checkpoint."""
+LANGUAGE_NAMES = {"opt_proj.": "projection.", "t5_proj.": "projection.", "llm_proj.": "projection."}
+"""LAVIS's query-to-LLM projection -> ours (:class:`~qformer_lightning.models.blip2_llm.Blip2LLMModel`'s
+``projection``); LAVIS saves no LLM weights of its own (``opt_model.*`` and the like stay unused)."""
 
 LAVIS_VIT_NORM_EPS = 1e-6
 LAVIS_LN_VISION_EPS = 1e-5
@@ -122,21 +124,17 @@ def read_lavis_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[
         CheckpointFileError: an empty, truncated or corrupt file, or not a torch file.
         CheckpointError: the file holds objects a weights-only load refuses, or no state dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
-    check_checkpoint_file(path, "LAVIS checkpoint")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} holds pickled objects beyond tensors ({err}); if you trust the file, pass trust_pickle=True"
-        ) from err
+    obj = load_torch_file(path, "LAVIS checkpoint", weights_only=not trust_pickle)
     return unwrap_lavis_state(obj, str(path))
 
 
+def is_lavis_state(state: dict[str, Tensor]) -> bool:
+    """Whether a state dict has LAVIS BLIP-2 names (``Qformer.bert.*``)."""
+    return any(k.startswith(f"{_Q}.") for k in state)
+
+
 def _check_lavis(state: dict[str, Tensor], source: str) -> None:
-    if not any(k.startswith(f"{_Q}.") for k in state):
+    if not is_lavis_state(state):
         hint = " (it looks like a Hugging Face Blip2 state dict: use convert.hf)" if any(
             k.startswith(("vision_model.", "qformer.")) for k in state
         ) else ""
@@ -300,14 +298,9 @@ def load_lavis_state_dict(
     _check_lavis(state, source)
     report = ConversionReport(source=str(source), kind="lavis")
     has_text = f"{_Q}.embeddings.word_embeddings.weight" in state
-    has_vision = any(k.startswith("visual_encoder.") for k in state)
     language = {k: v for k, v in state.items() if k.startswith(LANGUAGE_PREFIXES)}
     state = {k: v for k, v in state.items() if not k.startswith(LANGUAGE_PREFIXES)}
-    if _DECODER_BIAS_COPY in state:
-        copy = state.pop(_DECODER_BIAS_COPY)
-        if f"{_CLS}.bias" in state and not torch.equal(copy, state[f"{_CLS}.bias"]):
-            raise CheckpointError(f"{source}: {_DECODER_BIAS_COPY} differs from {_CLS}.bias (they are one tensor in LAVIS)")
-        report.ignored.append(_DECODER_BIAS_COPY)
+    _drop_decoder_bias_copy(state, report)
     if isinstance(model, Blip2QFormerModel):
         if not has_text:
             raise CheckpointError(
@@ -326,12 +319,51 @@ def load_lavis_state_dict(
         state = {k: v for k, v in state.items() if not k.startswith(drop)}
     else:
         raise TypeError(f"cannot load a LAVIS checkpoint into {type(model).__name__}")
-    allowed: tuple[str, ...] = ()
-    if not has_vision:
-        allowed = ("vision.vit.*",)
-        report.notes.append("no visual_encoder.* in the checkpoint (LAVIS drops frozen weights): the ViT keeps its weights")
+    allowed = () if _note_absent_vision(state, report) else ("vision.vit.*",)
     mapped = keymap.to_ours(state, report)
     return load_checked(model, mapped, report, allowed_missing=allowed, resample=("vision.vit.pos_embed",), strict=strict)
+
+
+def _drop_decoder_bias_copy(state: dict[str, Tensor], report: ConversionReport) -> None:
+    """Remove ``Qformer.cls.predictions.decoder.bias`` from ``state`` (in place) after checking that
+    it equals ``...predictions.bias`` (one tensor in LAVIS); listed in ``report.ignored``."""
+    if _DECODER_BIAS_COPY not in state:
+        return
+    copy = state.pop(_DECODER_BIAS_COPY)
+    if f"{_CLS}.bias" in state and not torch.equal(copy, state[f"{_CLS}.bias"]):
+        raise CheckpointError(f"{report.source}: {_DECODER_BIAS_COPY} differs from {_CLS}.bias (they are one tensor in LAVIS)")
+    report.ignored.append(_DECODER_BIAS_COPY)
+
+
+def _note_absent_vision(state: dict[str, Tensor], report: ConversionReport) -> bool:
+    """Whether ``state`` has ``visual_encoder.*``; a note says so when it has not."""
+    if any(k.startswith("visual_encoder.") for k in state):
+        return True
+    report.notes.append("no visual_encoder.* in the checkpoint (LAVIS drops frozen weights): the ViT keeps its weights")
+    return False
+
+
+def lavis_state_to_ours(state: dict[str, Tensor], report: ConversionReport) -> dict[str, tuple[str, Tensor]]:
+    """Every tensor of a LAVIS state dict (stage 1 or 2) under our names, for a model that is already
+    built (:func:`qformer_lightning.convert.load_into`).
+
+    What the checkpoint holds is mapped, whatever it is: ViT, ``ln_vision``, Q-Former (with its
+    text parts if present), ITC/ITM heads, ``temp``, the LM head, and the projection
+    (``opt_proj.*``/``t5_proj.*``/``llm_proj.*`` -> ``projection.*``). Keys no rule covers go to
+    ``report.unexpected``.
+
+    Raises:
+        CheckpointError: not a LAVIS state dict, or a decoder bias that differs from its copy.
+    """
+    state = dict(unwrap_lavis_state(state, report.source))
+    _check_lavis(state, report.source)
+    language = {k: v for k, v in state.items() if k.startswith(LANGUAGE_PREFIXES)}
+    state = {k: v for k, v in state.items() if not k.startswith(LANGUAGE_PREFIXES)}
+    _drop_decoder_bias_copy(state, report)
+    _note_absent_vision(state, report)
+    mapped = lavis_keymap(text=True, heads=True).to_ours(state, report)
+    mapped.update(rename_prefixes(language, LANGUAGE_NAMES, report))
+    return mapped
 
 
 def load_lavis(

@@ -99,6 +99,7 @@ def load_checked(
     allowed_missing: Iterable[str] = (),
     resample: Iterable[str] = (),
     strict: bool = True,
+    warn_missing: bool = True,
 ) -> ConversionReport:
     """Copy converted tensors into ``module`` after checking every name and shape.
 
@@ -112,6 +113,7 @@ def load_checked(
             count differs.
         strict: raise when one of our names has no weight (beyond ``allowed_missing``) or when
             ``report.unexpected`` is not empty.
+        warn_missing: log a warning naming the tensors that keep their initial values.
 
     Raises:
         CheckpointError: a name that the module does not have, a shape mismatch (both shapes
@@ -159,7 +161,7 @@ def load_checked(
     with torch.no_grad():
         for name, tensor in ready.items():
             target[name].copy_(tensor.to(dtype=target[name].dtype))
-    if missing:
+    if missing and warn_missing:
         log.warning("%s: %d tensors keep their initial values (not in the checkpoint): %s", report.source, len(missing), missing)
     return report
 

@@ -23,16 +23,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from qformer_lightning.convert.into import copy_matching, finish_report, load_lightning_into
-from qformer_lightning.convert.report import ConversionReport
+from qformer_lightning.convert.into import load_into
 from qformer_lightning.models.blip2_llm import Blip2LLMModel
 from qformer_lightning.encoders.llm import T5_FAMILY
 from qformer_lightning.tasks.base import Blip2Task, FrozenDtype, NonFinitePolicy, Optimization
-
-LAVIS_PROJECTIONS = ("opt_proj.", "t5_proj.", "llm_proj.")
-"""Key prefixes of the query-to-LLM projection in LAVIS checkpoints."""
-HF_PROJECTION, HF_LANGUAGE_MODEL = "language_projection.", "language_model."
-"""Key prefixes of the language side of a Hugging Face ``Blip2ForConditionalGeneration``."""
 
 
 def lm_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
@@ -148,7 +142,7 @@ class Stage2(Blip2Task):
         if self.frozen_dtype == "fp16" and "model.llm" in self.frozen and model_type in T5_FAMILY:
             raise ValueError(f"frozen_dtype fp16 would cast the {model_type} LLM to float16, which overflows: use bf16")
         for source in self.pretrained_sources:
-            report = load_pretrained(self.model, source)
+            report = load_into(self.model, source)
             rank_zero_info(report.summary())
 
     @property
@@ -219,84 +213,3 @@ class Stage2(Blip2Task):
         requests = batch_requests(batch, score_texts=False)
         return generate_predictions(self.model, batch["image"], requests, self.prompt, self.generation)
 
-
-# ---------------------------------------------------------------------------- initial weights
-
-
-def load_pretrained(model: Blip2LLMModel, source: str) -> ConversionReport:
-    """Load a stage-1/2 checkpoint into a built stage-2 model, dropping what stage 2 does not use.
-
-    Sources: this project's Lightning ``.ckpt`` (keys ``model.vision.*``, ``model.qformer.*``, ...),
-    a LAVIS ``.pth`` or a Hugging Face Blip2 directory / hub id.
-
-    Returns:
-        The report: ``loaded`` (our names), ``unexpected`` (checkpoint keys dropped: the stage-1
-        text parts and heads), ``missing`` (ours left as they are: LLM weights come from the
-        LLM's own source, a ViT trimmed from the checkpoint from the encoder's).
-
-    Raises:
-        CheckpointError: shape mismatches (both shapes named), an unreadable source.
-    """
-    path = Path(source)
-    if path.suffix == ".ckpt":
-        return load_lightning_into(model, path)  # e.g. a 224 px stage 1 into a 364 px finetune
-    if path.suffix in (".pth", ".pt", ".bin") and path.is_file():
-        return _load_lavis(model, path)
-    return _load_hf(model, source)
-
-
-def _language_state(language: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Checkpoint language-side names -> ours (``projection.*``, ``llm.model.*``)."""
-    out = {}
-    for key, tensor in language.items():
-        if key.startswith(HF_PROJECTION):
-            out["projection." + key[len(HF_PROJECTION) :]] = tensor
-        elif key.startswith(HF_LANGUAGE_MODEL):
-            out["llm.model." + key[len(HF_LANGUAGE_MODEL) :]] = tensor
-        elif key.startswith(LAVIS_PROJECTIONS):
-            out["projection." + key.split(".", 1)[1]] = tensor
-        else:
-            out[key] = tensor
-    return out
-
-
-def _load_hf(model: Blip2LLMModel, source: str) -> ConversionReport:
-    from qformer_lightning.convert.hf import read_hf_checkpoint
-
-    checkpoint = read_hf_checkpoint(source)
-    return load_hf_blip2_state(model, checkpoint.state, checkpoint.source)
-
-
-def load_hf_blip2_state(model: Blip2LLMModel, state: dict[str, Tensor], source: str = "<state_dict>") -> ConversionReport:
-    """Load a Hugging Face Blip2 state dict (any full Blip2 class) into a built stage-2 model.
-
-    Vision and Q-Former go through :mod:`qformer_lightning.convert.hf` (non-strict: text parts
-    of a retrieval checkpoint are not in a stage-2 Q-Former); ``language_projection.*`` fills the
-    projection and ``language_model.*`` the LLM when their shapes fit.
-    """
-    from qformer_lightning.convert.hf import load_hf_state_dict
-    from qformer_lightning.convert.parts import VisionQFormer
-
-    parts = VisionQFormer(model.vision, model.qformer)  # shares our modules: loading fills them
-    report = load_hf_state_dict(parts, state, source, strict=False)
-    return _load_language_side(model, parts, report)
-
-
-def _load_language_side(model: Blip2LLMModel, parts: Any, report: ConversionReport) -> ConversionReport:
-    """After vision + Q-Former were loaded through ``parts``: fill the projection and the LLM from
-    ``parts.language_state`` and complete the report over the whole model."""
-    loaded = set(report.loaded)
-    language = ConversionReport(source=report.source, kind=report.kind)
-    copy_matching(model, _language_state(parts.language_state), language)
-    report.unexpected.extend(language.unexpected)
-    return finish_report(model, loaded | set(language.loaded), report)
-
-
-def _load_lavis(model: Blip2LLMModel, path: Path) -> ConversionReport:
-    from qformer_lightning.convert.lavis import load_lavis_state_dict, read_lavis_checkpoint
-    from qformer_lightning.convert.parts import VisionQFormer
-
-    state = read_lavis_checkpoint(path)
-    parts = VisionQFormer(model.vision, model.qformer)  # shares our modules: loading fills them
-    report = load_lavis_state_dict(parts, state, str(path), strict=False)
-    return _load_language_side(model, parts, report)

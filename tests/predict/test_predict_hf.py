@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 from convert_tiny import perturb_  # noqa: E402
 from stage2_tiny import IMAGE_TOKEN, Q, opt_config, word_tokenizer  # noqa: E402
 
+from qformer_lightning.convert import load_into  # noqa: E402
 from qformer_lightning.convert.hf import build_parts_from_hf_config  # noqa: E402
 from qformer_lightning.encoders.llm import LanguageModel  # noqa: E402
 from qformer_lightning.models.blip2_llm import Blip2LLMModel  # noqa: E402
-from qformer_lightning.tasks.stage2 import load_hf_blip2_state  # noqa: E402
 
 VISION = dict(
     hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE,
@@ -79,7 +79,7 @@ def test_stage2_captions_from_a_converted_blip2_for_conditional_generation(tmp_p
 
     parts = build_parts_from_hf_config(hf.config)
     reference = Blip2LLMModel(parts.vision, parts.qformer, LanguageModel.from_modules(hf.language_model, tok)).eval()
-    load_hf_blip2_state(reference, hf.state_dict(), "tiny-hf")
+    load_into(reference, hf.state_dict())
     expected = reference.caption(load_pixels(paths), ["a photo of"] * 3, num_beams=1, max_new_tokens=5, min_new_tokens=1)
     assert [line["output"] for line in lines] == expected
     assert [line["task"] for line in lines] == ["caption"] * 3

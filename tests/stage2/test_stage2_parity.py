@@ -9,10 +9,10 @@ import torch
 from stage2_tiny import IMAGE_TOKEN, opt_config, t5_config, word_tokenizer
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
+from qformer_lightning.convert import load_into
 from qformer_lightning.convert.hf import build_parts_from_hf_config
 from qformer_lightning.encoders.llm import LanguageModel
 from qformer_lightning.models.blip2_llm import Blip2LLMModel
-from qformer_lightning.tasks.stage2 import load_hf_blip2_state
 
 Q = 4
 PROMPTS = ["a photo of", "question what is the color of the sky answer"]
@@ -47,7 +47,7 @@ def _ours(hf, tok) -> Blip2LLMModel:
     parts = build_parts_from_hf_config(hf.config)
     llm = LanguageModel.from_modules(hf.language_model, tok)  # shares the HF language model
     model = Blip2LLMModel(parts.vision, parts.qformer, llm).eval()
-    report = load_hf_blip2_state(model, hf.state_dict(), "tiny-hf")
+    report = load_into(model, hf.state_dict())
     assert not [k for k in report.missing if not k.startswith("llm.")], report.summary()
     assert any(k.startswith("projection.") for k in report.loaded)
     return model

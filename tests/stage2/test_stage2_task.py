@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.models.blip2_llm import Blip2LLMModel
 from qformer_lightning.tasks.base import Optimization
-from qformer_lightning.tasks.stage2 import Stage2, load_pretrained, lm_loss, split_seed
+from qformer_lightning.convert import load_into
+from qformer_lightning.tasks.stage2 import Stage2, lm_loss, split_seed
 
 CAPTIONS = ["a dog sits on the grass", "red boat on water", "man rides bike", "two cat near tree"]
 
@@ -51,7 +52,7 @@ def _stage1_checkpoint(path, seed: int = 7) -> Blip2QFormerModel:
 def test_load_stage1_checkpoint_reports_loaded_dropped_left(tmp_path) -> None:
     stage1 = _stage1_checkpoint(tmp_path / "s1.ckpt")
     model = tiny_model("opt", seed=1)
-    report = load_pretrained(model, str(tmp_path / "s1.ckpt"))
+    report = load_into(model, str(tmp_path / "s1.ckpt"))
     for name, tensor in model.state_dict().items():
         if name.startswith(("vision.", "qformer.")):
             assert torch.equal(tensor, stage1.state_dict()[name]), name
@@ -88,7 +89,7 @@ def test_load_hf_directory(tmp_path) -> None:
     torch.manual_seed(3)
     other = type(hf.language_model)(hf.language_model.config).eval()  # same shapes, other weights
     model = Blip2LLMModel(parts.vision, parts.qformer, LanguageModel.from_modules(other, tok))
-    report = load_pretrained(model, str(tmp_path / "hf"))
+    report = load_into(model, str(tmp_path / "hf"))
     torch.testing.assert_close(model.projection.weight, hf.language_projection.weight)
     torch.testing.assert_close(model.qformer.query_tokens, hf.query_tokens)
     w = "llm.model.model.decoder.layers.0.fc1.weight"
