@@ -69,7 +69,8 @@ def load_pretrained(
         model = lavis.build_from_lavis_state_dict(checkpoint.state, image_size, frozen_vision=frozen_vision, **kwargs)
         return model, lavis.load_lavis_state_dict(model, checkpoint.state, checkpoint.source, strict)
     if checkpoint.format == "hf" and checkpoint.config is not None:
-        return hf.build_and_load_hf(checkpoint.config, checkpoint.state, checkpoint.source, image_size, frozen_vision, strict)
+        config, state = checkpoint.config, checkpoint.state
+        return hf.build_and_load_hf(config, state, checkpoint.source, image_size, frozen_vision, strict)
     if checkpoint.format == "hf":
         raise CheckpointError(
             f"{source}: a Hugging Face Blip2 state dict without its config cannot be built; pass its "

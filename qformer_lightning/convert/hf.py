@@ -370,7 +370,8 @@ def _drop_text_parts(state: dict[str, Tensor], report: ConversionReport) -> dict
     if text:
         report.ignored.extend(sorted(text))
         report.notes.append(
-            f"{len(text)} Q-Former text tensors (text FFNs/embeddings) ignored: the Q-Former is built without text parts"
+            f"{len(text)} Q-Former text tensors (text FFNs/embeddings) ignored: the Q-Former is built "
+            "without text parts"
             + ("" if has_text_embeddings(state) else " (the checkpoint has no text embeddings to feed its text FFNs)")
         )
     return {k: v for k, v in state.items() if k not in text}
@@ -508,7 +509,9 @@ def load_hf_retrieval(
     """
     ckpt = read_hf_checkpoint(source, skip_prefixes=LANGUAGE_PREFIXES)
     if getattr(ckpt.config, "model_type", "") != "blip-2":
-        raise CheckpointError(f"{ckpt.source} holds a {ckpt.architecture} ({ckpt.config.model_type}), not a full Blip2 model")
+        raise CheckpointError(
+            f"{ckpt.source} holds a {ckpt.architecture} ({ckpt.config.model_type}), not a full Blip2 model"
+        )
     if detect_hf_kind(ckpt.state) != "retrieval":
         raise CheckpointError(
             f"{ckpt.source} ({ckpt.architecture}) has no Q-Former text embeddings and ITC/ITM heads: load its "

@@ -97,7 +97,10 @@ def load_into(
         CheckpointError: a source of no supported format, a tensor whose shape differs from the
             model's (both shapes named), tied tensors with different values in the checkpoint.
     """
-    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source, trust_pickle, _unread_prefixes(model))
+    checkpoint = (
+        source if isinstance(source, Checkpoint)
+        else read_checkpoint(source, trust_pickle, skip_prefixes=_unread_prefixes(model))
+    )
     report = ConversionReport(source=checkpoint.source, kind=checkpoint.kind, notes=list(checkpoint.notes))
     mapped = to_our_names(checkpoint, report)
     load_checked(model, mapped, report, resample=(VIT_POS_EMBED,), strict=False, warn_missing=False)

@@ -331,7 +331,9 @@ def _drop_decoder_bias_copy(state: dict[str, Tensor], report: ConversionReport) 
         return
     copy = state.pop(_DECODER_BIAS_COPY)
     if f"{_CLS}.bias" in state and not torch.equal(copy, state[f"{_CLS}.bias"]):
-        raise CheckpointError(f"{report.source}: {_DECODER_BIAS_COPY} differs from {_CLS}.bias (they are one tensor in LAVIS)")
+        raise CheckpointError(
+            f"{report.source}: {_DECODER_BIAS_COPY} differs from {_CLS}.bias (they are one tensor in LAVIS)"
+        )
     report.ignored.append(_DECODER_BIAS_COPY)
 
 
