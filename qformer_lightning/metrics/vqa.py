@@ -27,7 +27,10 @@ Datasets with fewer answers:
 - OK-VQA: its annotation file (VQA format) already lists 10 answers per question, the 5 raw
   answers each repeated twice; pass those 10 unchanged and the score is the official one.
 - GQA: one answer. Leave-one-out is undefined for one answer, so a single answer means exact
-  match after full normalisation of both sides (LAVIS' GQA evaluation), scoring 0 or 1.
+  match after full normalisation (steps 1 and 2) of both the prediction and the answer, scoring
+  0 or 1. LAVIS' GQA task differs: it normalises only the prediction and compares it with the raw
+  answer, so an answer that normalisation changes (an article, a number word, punctuation) can
+  never match there and may match here.
 - Any other count ``n >= 2`` uses the leave-one-out rule above with ``n`` answers.
 """
 
@@ -144,7 +147,7 @@ def _score_units(prediction: str, answers: Sequence[str]) -> int:
     if num == 0:
         raise ValueError(f"no human answers given for the prediction {prediction!r}")
     predicted = normalize_answer(prediction)
-    if num == 1:  # GQA style: exact match after full normalisation of both sides.
+    if num == 1:  # GQA: exact match after full normalisation of both sides (LAVIS: of the prediction only).
         return _UNITS if normalize_answer(answers[0]) == predicted else 0
     references = list(answers)
     if len(set(references)) > 1:
