@@ -58,8 +58,9 @@ def clamp_temperature(temperature: Tensor | float, min: float = 0.001, max: floa
     """The temperature clamped to ``[min, max]`` (scalar tensor; differentiable inside the range).
 
     Outside the range the clamp has zero gradient. To keep a learnable parameter from drifting
-    past the bounds (LAVIS clamps ``temp`` in place each step), also call
-    :func:`clamp_temperature_` on the parameter before the forward.
+    past the bounds, also call :func:`clamp_temperature_` on the parameter before the forward.
+    The clamp, and its ``[0.001, 0.5]`` range, come from BLIP (``temp.clamp_(0.001, 0.5)`` in
+    place each step); BLIP-2's LAVIS code (``blip2_qformer.py``) divides by ``temp`` unclamped.
     """
     if min <= 0 or min > max:
         raise ValueError(f"temperature bounds must satisfy 0 < min <= max, got min={min}, max={max}")
@@ -70,7 +71,8 @@ def clamp_temperature(temperature: Tensor | float, min: float = 0.001, max: floa
 
 @torch.no_grad()
 def clamp_temperature_(temperature: Tensor, min: float = 0.001, max: float = 0.5) -> Tensor:
-    """Clamp a temperature parameter in place (no autograd record), as LAVIS does each step."""
+    """Clamp a temperature parameter in place (no autograd record), as BLIP does each step
+    (BLIP-2's LAVIS code never clamps ``temp``)."""
     return temperature.clamp_(min, max)
 
 

@@ -132,7 +132,8 @@ class Stage1(Blip2Task):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
-        # clamp the parameter itself (as LAVIS does): a clamp in the forward alone would leave it stuck
+        # clamp the parameter itself, as BLIP does (BLIP-2's LAVIS code never clamps temp): a clamp in
+        # the forward alone would leave it stuck at a bound with zero gradient
         clamp_temperature_(self.model.temp, self.model.min_temperature, self.model.max_temperature)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
