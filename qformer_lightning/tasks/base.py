@@ -72,12 +72,17 @@ class Optimization:
     layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        """Refuse impossible settings; each message starts with ``field:`` so the CLI can name the option."""
+        if self.lr <= 0:
+            raise ValueError(f"lr: need lr > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr: need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.warmup_steps < 0 or (self.total_steps is not None and self.total_steps < 1):
-            raise ValueError(f"bad schedule: warmup_steps={self.warmup_steps}, total_steps={self.total_steps}")
+            raise ValueError(f"layer_decay: need 0 < layer_decay <= 1, got {self.layer_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: need warmup_steps >= 0, got {self.warmup_steps}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"total_steps: need total_steps >= 1 (or null: trainer.max_steps), got {self.total_steps}")
 
 
 class Blip2Task(pl.LightningModule):
