@@ -138,6 +138,7 @@ class Blip2LLMModel(nn.Module):
         prefix_lm: bool = False,
         generator: torch.Generator | None = None,
         question: QFormerText | None = None,
+        learn_bos: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Logits and labels of the language-modelling objective.
 
@@ -148,12 +149,35 @@ class Blip2LLMModel(nn.Module):
             prefix_lm: encoder-decoder prefix LM (see :class:`LanguageModel`).
             generator: randomness of the prefix split.
             question: Q-Former ids and mask (B, T) fed beside the queries, or None.
+            learn_bos: decoder-only LLM without prompts: the special tokens the tokenizer puts in
+                front of a text (OPT's BOS) are targets too, predicted from the last soft-prompt
+                position, as LAVIS's ``blip2_opt`` labels them in pretraining; otherwise they are
+                inputs only.
 
         Returns:
             logits (B, K, V) and labels (B, K), as :meth:`LanguageModel.forward` returns them.
         """
-        inputs = self.llm.training_inputs(self.soft_prompt(images, question), targets, prompts, prefix_lm, generator)
+        soft_prompt = self.soft_prompt(images, question)  # (B, Q, Dl)
+        inputs = self.llm.training_inputs(soft_prompt, targets, prompts, prefix_lm, generator)
+        if learn_bos and prompts is None:
+            self._label_text_start(inputs.labels, inputs.input_ids, soft_prompt.shape[1])
         return self.llm(inputs)
+
+    def _label_text_start(self, labels: Tensor, input_ids: Tensor, num_query: int) -> None:
+        """Make the special tokens in front of a prompt-less text targets (in place).
+
+        Args:
+            labels: (B, Q + P + T) labels of the decoder-only layout ``[soft prompt | specials | target | pad]``.
+            input_ids: (B, P + T) token ids after the soft prompt; the first P are the specials.
+            num_query: Q.
+
+        Raises:
+            ValueError: an encoder-decoder LLM (its special tokens are not in front of the target).
+        """
+        if self.llm.is_encoder_decoder:
+            raise ValueError("learn_bos applies to decoder-only LLMs; an encoder-decoder LLM has no BOS before the target")
+        count = len(self.llm.prompt_ids([""])[0])  # P: e.g. OPT's BOS; 0 for a tokenizer that adds none
+        labels[:, num_query : num_query + count] = input_ids[:, :count]
 
     @torch.no_grad()
     def generate(

@@ -64,6 +64,10 @@ class Stage2(Blip2Task):
         prompt: prompt for every sample when the batch has no ``prompt`` (captioning: ``"a photo of"``).
         prefix_lm: encoder-decoder pretraining with a prefix LM (needs an encoder-decoder LLM
             and no prompt).
+        learn_bos: decoder-only pretraining without a prompt: also learn the BOS token after the
+            soft prompt, as LAVIS's ``blip2_opt`` does (it labels the whole tokenized caption when
+            its prompt is empty). Default False: the BOS is an input only, as it is after a prompt;
+            early loss curves then differ from LAVIS's by about 0.05 (see docs/finetune.md).
         seed: seed of the prefix-LM split points.
         pretrained: start from these weights: this project's Lightning ``.ckpt`` (stage 1 or 2),
             a Hugging Face Blip2 directory or hub id, or a LAVIS ``.pth``; or a list of them,
@@ -91,6 +95,7 @@ class Stage2(Blip2Task):
         model: Blip2LLMModel,
         prompt: str = "",
         prefix_lm: bool = False,
+        learn_bos: bool = False,
         seed: int = 0,
         pretrained: str | list[str] | None = None,
         num_beams: int = 5,
@@ -115,10 +120,13 @@ class Stage2(Blip2Task):
         )
         if prefix_lm and prompt:
             raise ValueError(f"prefix_lm splits the caption itself; a prompt ({prompt!r}) cannot be combined with it")
+        if learn_bos and (prompt or prefix_lm):
+            raise ValueError("learn_bos labels the BOS in front of a prompt-less caption: give no prompt and no prefix_lm")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.prompt = prompt
         self.prefix_lm = prefix_lm
+        self.learn_bos = learn_bos
         self.seed = seed
         self.pretrained = pretrained
         self.generation = dict(
@@ -138,6 +146,8 @@ class Stage2(Blip2Task):
         llm = self.model.llm
         if self.prefix_lm and not llm.is_encoder_decoder:
             raise ValueError("prefix_lm=True needs an encoder-decoder LLM (FlanT5); this one is decoder-only")
+        if self.learn_bos and llm.is_encoder_decoder:
+            raise ValueError("learn_bos=True needs a decoder-only LLM (OPT); an encoder-decoder LLM has no BOS to learn")
         model_type = llm.model.config.model_type
         if self.frozen_dtype == "fp16" and "model.llm" in self.frozen and model_type in T5_FAMILY:
             raise ValueError(f"frozen_dtype fp16 would cast the {model_type} LLM to float16, which overflows: use bf16")
@@ -184,8 +194,9 @@ class Stage2(Blip2Task):
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
         """Language-modelling loss on one batch (image (B,3,H,W), text list[str], optional prompt)."""
+        prompts = self.prompts_for(batch)
         logits, labels = self.model(
-            batch["image"], list(batch["text"]), self.prompts_for(batch), self.prefix_lm, generator
+            batch["image"], list(batch["text"]), prompts, self.prefix_lm, generator, learn_bos=self.learn_bos
         )  # (B, K, V), (B, K)
         return lm_loss(logits, labels, shift=not self.model.llm.is_encoder_decoder)
 
