@@ -9,6 +9,11 @@ Fault tolerance by default (docs/fault_tolerance.md): checkpoints are written at
 at the next batch boundary and exits cleanly (the ``preemption:`` section,
 :class:`~qformer_lightning.scale.signals.PreemptionCheckpoint`), and every checkpoint carries
 the resolved config of the run (``checkpoint["qformer_lightning"]["config"]``).
+
+A config mistake (a typo in a key, a bad value, a value a class refuses) ends in one line,
+``config error: <option path> ...`` with exit status 2 (:mod:`qformer_lightning.config_errors`);
+``QFORMER_LIGHTNING_DEBUG=1`` prints the full report above it. The task's ``optim`` owns the
+optimiser and schedule: LightningCLI's ``--optimizer``/``--lr_scheduler`` are not offered.
 """
 
 from __future__ import annotations
@@ -16,18 +21,33 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from argparse import ArgumentError
+from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from qformer_lightning.config_errors import config_error, full_report, instantiation_error_line, parse_error_line
 from qformer_lightning.errors import check_checkpoint_task
 from qformer_lightning.scale.checkpointing import AtomicCheckpointIO
 from qformer_lightning.scale.signals import PreemptionCheckpoint
 from qformer_lightning.tasks.base import Blip2Task
 
 log = logging.getLogger(__name__)
+
+PROG = "python -m qformer_lightning"
+"""The program name in ``--help`` and usage lines (not ``__main__.py``)."""
+SCRIPT = "qformer-lightning"
+"""The console script pyproject.toml installs; its own name is kept when it is the one run."""
+
+
+def program_name() -> str:
+    """``qformer-lightning`` when run as the console script, else ``python -m qformer_lightning``."""
+    return SCRIPT if Path(sys.argv[0]).name == SCRIPT else PROG
+
+
 NULL_WORDS = ("null", "None", "~")
 """What YAML (and so jsonargparse) reads as ``None`` on the command line."""
 
@@ -84,10 +104,18 @@ def use_atomic_checkpoint_io(trainer: Trainer) -> bool:
 
 
 class Blip2CLI(LightningCLI):
-    """LightningCLI with qformer_lightning's tasks and data modules in subclass mode."""
+    """LightningCLI with qformer_lightning's tasks and data modules in subclass mode.
+
+    Without ``--optimizer``/``--lr_scheduler`` (``auto_configure_optimizers=False``): each task's
+    ``optim`` (``model.init_args.optim``) configures its optimiser and schedule, and LightningCLI's
+    options would silently replace them. Config mistakes raise :class:`~qformer_lightning.config_errors.ConfigError`
+    (a ``SystemExit`` with status 2) after printing one ``config error: ...`` line.
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        self._args = args
         super().__init__(
             model_class=Blip2Task,
             datamodule_class=LightningDataModule,
@@ -98,13 +126,34 @@ class Blip2CLI(LightningCLI):
             **kwargs,
         )
 
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        """LightningCLI's parser named ``python -m qformer_lightning``, raising its errors (read by
+        :meth:`parse_arguments`) instead of printing usage and the nested report."""
+        kwargs.setdefault("prog", program_name())
+        kwargs["exit_on_error"] = False
+        return super().init_parser(**kwargs)
+
+    def _error_parser(self, args: ArgsType) -> LightningArgumentParser:
+        """The parser whose options a parse error's unnested keys belong to: the subcommand's, if any."""
+        words = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+        parsers = getattr(self, "_subcommand_parsers", {})
+        return next((parsers[w] for w in words if isinstance(w, str) and w in parsers), self.parser)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``preemption:``: the always-present SIGTERM checkpoint callback (``signals: []`` disables it)."""
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """LightningCLI's parsing, then the nulls of the command line put back (:func:`restore_nulls`)."""
-        super().parse_arguments(parser, args)
+        """LightningCLI's parsing, then the nulls of the command line put back (:func:`restore_nulls`).
+
+        Raises:
+            ConfigError: one ``config error: <option path> ...`` line for a typo or a bad value.
+        """
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            log.debug("config parse error:\n%s", err)
+            raise config_error(parse_error_line(err, self._error_parser(args)), str(err)) from None
         if isinstance(args, dict) or (args is not None and not isinstance(args, list)):
             return
         words = list(sys.argv[1:] if args is None else args)
@@ -118,11 +167,28 @@ class Blip2CLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path"):
             check_checkpoint_task(self.config[subcommand].ckpt_path, self.config[subcommand].model.class_path)
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as err:
+            line = parse_error_line(err, self._error_parser(self._args))
+            raise config_error(f"the hyperparameters in ckpt_path do not fit this config: {line}", str(err)) from None
 
     def instantiate_classes(self) -> None:
-        """Build model, data and trainer; then atomic checkpoint writes and the config for checkpoints."""
-        super().instantiate_classes()
+        """Build model, data and trainer; then atomic checkpoint writes and the config for checkpoints.
+
+        Raises:
+            ConfigError: one ``config error: <option path>: <message>`` line when a class refuses its
+                settings (a ``ValueError``/``OSError`` from its constructor); other errors keep their traceback.
+        """
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+            line = instantiation_error_line(err, config)
+            if line is None:
+                raise
+            log.debug("config instantiation error:\n%s", full_report(err))
+            raise config_error(line, full_report(err)) from None
         use_atomic_checkpoint_io(self.trainer)
         if isinstance(self.model, Blip2Task):
             self.model.run_config = self.resolved_config()
