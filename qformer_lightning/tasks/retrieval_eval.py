@@ -72,8 +72,8 @@ __all__ = [
 PairScorer = Callable[[Tensor, Tensor], Tensor]
 """``(image_index (b,), text_index (b,)) -> (b,)`` ITM matched logits of b pairs."""
 
-# Elements of the (block, Q, X) temporary in :func:`itc_similarity` (256 MB in fp32).
-_SIM_BLOCK_ELEMENTS = 1 << 26
+# Elements of one (b, X) similarity block of :func:`itc_blocks` (32 MB in fp32).
+_SIM_BLOCK_ELEMENTS = 1 << 23
 
 
 class ItcRetrievalMetric(Metric):
@@ -254,17 +254,25 @@ def itc_blocks(image_feats: Tensor, text_feats: Tensor) -> Iterator[tuple[int, T
         the (I, X) similarity; the blocks come in order and cover every image once. The block
         size depends only on Q and X, so every call (and every rank) computes a value alike.
     """
-    if image_feats.ndim != 3 or text_feats.ndim != 2 or image_feats.shape[-1] != text_feats.shape[-1]:
-        raise ValueError(f"need image_feats (I, Q, E) and text_feats (X, E), got {tuple(image_feats.shape)}, {tuple(text_feats.shape)}")
+    if (
+        image_feats.ndim != 3 or text_feats.ndim != 2 or image_feats.shape[-1] != text_feats.shape[-1]
+        or image_feats.shape[1] == 0
+    ):
+        raise ValueError(f"need image_feats (I, Q, E) with Q >= 1 and text_feats (X, E), got {tuple(image_feats.shape)}, {tuple(text_feats.shape)}")
     return _itc_blocks(image_feats, text_feats.float())
 
 
 def _itc_blocks(image_feats: Tensor, text_feats: Tensor) -> Iterator[tuple[int, Tensor]]:
     num_images, queries, _ = image_feats.shape
-    block = max(1, _SIM_BLOCK_ELEMENTS // max(1, queries * text_feats.shape[0]))
+    block = max(1, _SIM_BLOCK_ELEMENTS // max(1, text_feats.shape[0]))
+    text_t = text_feats.T  # (E, X)
     for start in range(0, num_images, block):
         chunk = image_feats[start : start + block].float()  # (b, Q, E)
-        yield start, torch.einsum("iqe,xe->iqx", chunk, text_feats).amax(dim=1)  # (b, X)
+        sim = chunk[:, 0] @ text_t  # (b, X)
+        cosine = torch.empty_like(sim)  # (b, X): one query's cosines, reused
+        for query in range(1, queries):  # max over queries without a (b, Q, X) temporary
+            torch.maximum(sim, torch.matmul(chunk[:, query], text_t, out=cosine), out=sim)
+        yield start, sim
 
 
 def itc_similarity(image_feats: Tensor, text_feats: Tensor) -> Tensor:
@@ -303,15 +311,26 @@ def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         (descending), then by column (ascending).
     """
     k = min(k, x.shape[1])
-    kth = x.topk(k, dim=1).values[:, -1:]  # (R, 1): the k-th largest value of each row
+    values, index = x.topk(k, dim=1)  # (R, k): the right values; among ties at the k-th, any columns
+    kth = values[:, -1:]  # (R, 1)
+    left_out = (x == kth).sum(dim=1) > (values == kth).sum(dim=1)  # (R,): an entry equal to the k-th was not taken
+    rows = left_out.nonzero().squeeze(1)
+    if len(rows):
+        index[rows] = _lowest_columns(x[rows], kth[rows], k)
+        values[rows] = x[rows].gather(1, index[rows])
+    by_column = index.sort(dim=1).indices  # (R, k)
+    index, values = index.gather(1, by_column), values.gather(1, by_column)
+    by_value = values.sort(dim=1, descending=True, stable=True).indices  # (R, k): equal values keep column order
+    return values.gather(1, by_value), index.gather(1, by_value)
+
+
+def _lowest_columns(x: Tensor, kth: Tensor, k: int) -> Tensor:
+    """(R, k) ascending columns of each row's entries above ``kth`` (R, 1), then of the lowest equal ones."""
     above = x > kth  # (R, C)
     equal = x == kth  # (R, C)
     need = k - above.sum(dim=1, keepdim=True)  # (R, 1): entries equal to kth still to take
-    keep = above | (equal & (equal.cumsum(dim=1) <= need))  # (R, C): exactly k per row
-    index = keep.nonzero()[:, 1].view(x.shape[0], k)  # (R, k): columns in ascending order
-    values = x.gather(1, index)  # (R, k)
-    order = values.sort(dim=1, descending=True, stable=True).indices  # (R, k)
-    return values.gather(1, order), index.gather(1, order)
+    keep = above | (equal & (equal.cumsum(dim=1, dtype=torch.int32) <= need))  # (R, C): exactly k per row
+    return keep.nonzero()[:, 1].view(x.shape[0], k)
 
 
 @dataclass
@@ -415,10 +434,12 @@ def itc_topk(
             text_ranks.append(_full_row_text_ranks(sim, rows, truth, ties))
             here = ((truth >= start) & (truth < start + len(sim))).nonzero().squeeze(1)  # texts of these images
             true_score[here] = sim[truth[here] - start, here]
-        merged_values = torch.cat([run_values, sim.T], dim=1)  # (X, m + b): earlier images first
-        merged_index = torch.cat([run_index, rows.expand(num_texts, -1)], dim=1)  # (X, m + b)
-        run_values, position = stable_topk(merged_values, depth)  # equal values: the earlier image wins
-        run_index = merged_index.gather(1, position)
+        kept = run_index.shape[1]
+        merged = torch.cat([run_values, sim.T], dim=1)  # (X, m + b): the kept images (earlier) first
+        run_values, position = stable_topk(merged, depth)  # (X, m'): equal values: the earlier image wins
+        from_run = run_index.gather(1, position.clamp(max=max(kept - 1, 0))) if kept else position
+        run_index = torch.where(position < kept, from_run, start + position - kept)  # (X, m') image indices
+        del merged
         covered += len(sim)
     if covered != num_images:
         raise ValueError(f"the ITC blocks covered {covered} of {num_images} images")

@@ -160,7 +160,7 @@ def test_itc_blocks_from_features_match_the_dense_similarity(monkeypatch: pytest
     txt2img, img2txt = random_split(3, 13, max_captions=3)
     text_feats = torch.randint(-1, 2, (len(txt2img), 4), generator=g).float()  # (X, E)
     dense = torch.einsum("iqe,xe->ixq", image_feats, text_feats).amax(-1)  # (I, X)
-    monkeypatch.setattr(retrieval_eval, "_SIM_BLOCK_ELEMENTS", 3 * 3 * len(txt2img))  # blocks of 3 images
+    monkeypatch.setattr(retrieval_eval, "_SIM_BLOCK_ELEMENTS", 3 * len(txt2img))  # blocks of 3 images
     starts = [start for start, _ in itc_blocks(image_feats, text_feats)]
     assert starts == [0, 3, 6, 9, 12]
     assert torch.equal(itc_similarity(image_feats, text_feats), dense)
