@@ -43,6 +43,7 @@ def test_stage1_demo_scores_user_images(tmp_path, monkeypatch: pytest.MonkeyPatc
     out = tmp_path / "scores.jsonl"
     _cli(["predict", "--config", "configs/demo/stage1.yaml", "--config", FRAGMENT, "--data.images", str(tmp_path / "photos"),
           "--data.texts", '["a red circle", "a blue square"]', "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path),
+          "--model.init_args.model.init_args.vision.init_args.checkpoint_path=null",  # a random ViT (no demo run here)
           "--trainer.callbacks.init_args.output", str(out)], run=True)
     lines = read_jsonl(out)
     assert [(Path(line["image"]).name, line["text"]) for line in lines] == [

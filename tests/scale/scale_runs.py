@@ -29,6 +29,7 @@ def stage1_args(corpus: Path, run: Path, max_steps: int, every: int = 4, extra: 
         "--data.init_args.synthetic=null", "--data.init_args.batch_size=8", "--data.init_args.num_workers=2",
         "--data.init_args.image_size=32", "--data.init_args.shuffle_block=16",
         "--model.init_args.model.init_args.vision.init_args.image_size=32",
+        "--model.init_args.model.init_args.vision.init_args.checkpoint_path=null",  # a random frozen ViT
         f"--trainer.max_steps={max_steps}", "--trainer.val_check_interval=5", f"--trainer.default_root_dir={run}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run}",
         "--trainer.logger.name=log", "--trainer.logger.flush_logs_every_n_steps=1", "--trainer.log_every_n_steps=1",
@@ -50,7 +51,7 @@ def stage1_cli(corpus: Path, run: Path, vit: Path | None = None, seed: int = 0, 
         f"--data.init_args.sources=[{{urls: {corpus}/shards/train/*.tar, name: synthetic}}]",
         "--data.init_args.val_sources=null", "--data.init_args.synthetic=null", "--data.init_args.batch_size=8",
         "--data.init_args.num_workers=0", "--data.init_args.image_size=32", "--data.init_args.shuffle_block=16",
-        f"{vision}.image_size=32", *([f"{vision}.checkpoint_path={vit}"] if vit else []),
+        f"{vision}.image_size=32", f"{vision}.checkpoint_path={vit if vit else 'null'}",
         f"--trainer.max_steps={max_steps}", f"--trainer.default_root_dir={run}", "--trainer.logger=false",
         f"--trainer.callbacks.dirpath={run}/ckpt", "--trainer.enable_progress_bar=false", *(extra or []),
     ]

@@ -36,6 +36,7 @@ def _args(out: Path, devices: int, captions: list[str]) -> list[str]:
     return [
         "fit", "--config", "configs/demo/stage1.yaml", "--config", str(data),
         "--model.init_args.model.init_args.vision.init_args.image_size=32",
+        "--model.init_args.model.init_args.vision.init_args.checkpoint_path=null",  # a random frozen ViT
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", f"--trainer.default_root_dir={out}",
         "--trainer.logger=false", f"--trainer.callbacks.dirpath={out}/ckpt", "--trainer.enable_progress_bar=false",
         "--trainer.use_distributed_sampler=false", "--trainer.accelerator=cpu", f"--trainer.devices={devices}",

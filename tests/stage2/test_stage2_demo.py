@@ -11,13 +11,16 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 
 from qformer_lightning.cli import Blip2CLI
 from qformer_lightning.data.synthetic import make_synthetic_corpus
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "stage2.yaml"
 STAGE1 = CONFIG.with_name("stage1.yaml")
+VIT_KWARGS = dict(patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)  # the demo configs' ViT
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
@@ -56,8 +59,14 @@ def test_demo_stage2_loss_falls_from_stage1_demo_checkpoint(tmp_path) -> None:
     that checkpoint (its ViT and Q-Former) and its loss falls on the same synthetic corpus."""
     root = tmp_path / "synthetic"
     make_synthetic_corpus(root, num_train=192, num_val=16, num_test=4, image_size=64, shard_size=64)
+    # the demo's frozen ViT is a local timm file (configs/demo/vit_pretrain.yaml writes it): here a random one
+    vit_file = tmp_path / "vit.safetensors"
+    torch.manual_seed(0)
+    vit = timm.create_model("eva_giant_patch14_clip_224", num_classes=0, img_size=64, **VIT_KWARGS)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(vit_file))
+    vit_arg = f"--model.init_args.model.init_args.vision.init_args.checkpoint_path={vit_file}"
     pl.seed_everything(0)
-    stage1 = Blip2CLI(args=["--config", str(STAGE1), *_common(tmp_path, 8), *_data_args(root, 16)], run=False)
+    stage1 = Blip2CLI(args=["--config", str(STAGE1), *_common(tmp_path, 8), *_data_args(root, 16), vit_arg], run=False)
     stage1.trainer.fit(stage1.model, datamodule=stage1.datamodule)
     stage1.trainer.save_checkpoint(tmp_path / "stage1.ckpt")
     vit1 = {k: v.clone() for k, v in stage1.model.model.vision.vit.state_dict().items()}
@@ -65,13 +74,14 @@ def test_demo_stage2_loss_falls_from_stage1_demo_checkpoint(tmp_path) -> None:
 
     pl.seed_everything(0)
     args = ["--config", str(CONFIG), *_common(tmp_path, 30), *_data_args(root, 8),
-            f"--model.init_args.pretrained={tmp_path / 'stage1.ckpt'}"]
+            f"--model.init_args.pretrained={tmp_path / 'stage1.ckpt'}", vit_arg]
     cli = Blip2CLI(args=args, run=False)
     task = cli.model
     log = LossLog()
     cli.trainer.callbacks.append(log)
     task.configure_model()  # loads the LLM and the stage-1 weights (fit would do it too, once)
-    for name, tensor in vit1.items():  # the frozen ViT comes from the stage-1 checkpoint
+    assert all(torch.equal(vit.state_dict()[k], t) for k, t in vit1.items())  # loaded from the file
+    for name, tensor in vit1.items():  # the same frozen ViT in stage 2 (from its file, as in stage 1)
         assert torch.equal(task.model.vision.vit.state_dict()[name], tensor), name
     own = task.model.qformer.state_dict()
     assert torch.equal(own["query_tokens"], qformer1["query_tokens"])
