@@ -226,7 +226,7 @@ def make_synthetic_corpus(
     root = Path(root)
     params = {
         "num_train": num_train, "num_val": num_val, "num_test": num_test, "image_size": image_size,
-        "seed": seed, "shard_size": shard_size, "jpeg_quality": jpeg_quality, "version": 3,
+        "seed": seed, "shard_size": shard_size, "jpeg_quality": jpeg_quality, "version": 4,
     }
     meta = root / "meta.json"
     if root.exists():
