@@ -22,7 +22,8 @@ loss still falls (the LLM learns the captions' language), so the loss curve does
 When the gap stays below ``min_gap`` (or the AUC below ``min_auc``) for ``patience`` consecutive
 validations, a warning names the collapse. Values are gathered across ranks (DDP, FSDP); the model
 runs inside the strategy wrapper's forward (:func:`call_in_forward`), so sharded parameters are
-gathered as in a validation step.
+gathered as in a validation step. Rolled images and prompt pairs come from each rank's own batch:
+the same data split over more ranks pairs other images, which moves the figures a little.
 
 Added in YAML (keep ``ModelCheckpoint`` last in the list)::
 
@@ -399,5 +400,5 @@ class GroundingMonitor(pl.Callback):
 
     def _log(self, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         self.last = dict(values)
-        for name, value in values.items():  # equal on every rank (gathered)
-            pl_module.log(name, value, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        for name, value in values.items():  # equal on every rank (gathered): the sync averages equal values
+            pl_module.log(name, value, prog_bar=True, sync_dist=True)  # and spares Lightning's warning
