@@ -15,7 +15,7 @@ from qformer_lightning.data.synthetic import make_synthetic_corpus
 from qformer_lightning.encoders.vision import TimmVisionEncoder
 from qformer_lightning.nn.clip_text import TextTower
 from qformer_lightning.tasks.base import Optimization
-from qformer_lightning.tasks.vision_pretrain import VisionPretrain
+from qformer_lightning.tasks.vision_pretrain import VisionPretrain, caption_word_loss
 
 IMAGE = 16
 VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -86,3 +86,27 @@ def test_pretraining_learns_and_exports_a_timm_file(corpus, tmp_path) -> None:
 def test_export_path_must_be_safetensors(tmp_path) -> None:
     with pytest.raises(ValueError, match="safetensors"):
         _task(tmp_path / "vit.pth")
+
+
+def test_caption_word_loss_by_hand() -> None:
+    """Uniform target over a caption's distinct non-special pieces; padding and special ids ignored."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.5], [1.0, 0.0, 0.0, 0.0, 4.0]])  # (B=2, V=5)
+    ids = torch.tensor([[0, 2, 3, 3, 1], [0, 4, 1, 0, 0]])  # 0 = [CLS]-like, 1 = [SEP]-like; row 1 padded
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    log_p = torch.log_softmax(logits, dim=1)
+    expected = (-(log_p[0, 2] + log_p[0, 3]) / 2 - log_p[1, 4]) / 2
+    torch.testing.assert_close(caption_word_loss(logits, ids, mask, [0, 1]), expected)
+
+
+def test_word_objective_is_logged_and_weighted(corpus, tmp_path) -> None:
+    torch.manual_seed(0)
+    vision = TimmVisionEncoder(image_size=IMAGE, num_removed_blocks=0, frozen=False, model_kwargs=VIT)
+    text = TextTower(vocab_size=30523, width=32, depth=1, num_heads=2, max_length=32)
+    task = VisionPretrain(vision, text, embed_dim=16, word_loss_weight=0.5)
+    dm = _datamodule(corpus)
+    dm.setup("fit")
+    losses = task.compute_losses(next(iter(dm.train_dataloader())))
+    torch.testing.assert_close(losses["loss"], losses["itc"] + 0.5 * losses["words"])
+    assert losses["words"].item() > 5.0  # about log(V) for an untrained head over 30523 pieces
+    with pytest.raises(ValueError, match="word_loss_weight"):
+        VisionPretrain(vision, text, word_loss_weight=-1.0)
