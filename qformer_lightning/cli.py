@@ -30,6 +30,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qformer_lightning.config_errors import config_error, full_report, instantiation_error_line, parse_error_line
+from qformer_lightning.callbacks.progress import step_bounded_progress_bar
 from qformer_lightning.errors import check_checkpoint_task
 from qformer_lightning.scale.checkpointing import AtomicCheckpointIO
 from qformer_lightning.scale.signals import PreemptionCheckpoint
@@ -190,6 +191,7 @@ class Blip2CLI(LightningCLI):
             log.debug("config instantiation error:\n%s", full_report(err))
             raise config_error(line, full_report(err)) from None
         use_atomic_checkpoint_io(self.trainer)
+        step_bounded_progress_bar(self.trainer)  # 'Epoch 4 (to step 300)', not Lightning's 'Epoch 4/-2'
         if isinstance(self.model, Blip2Task):
             self.model.run_config = self.resolved_config()
 

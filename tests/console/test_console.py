@@ -81,3 +81,11 @@ def test_step_bounded_bars() -> None:
     custom = StepBoundedTQDMProgressBar(refresh_rate=7)
     trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, callbacks=[custom])
     assert step_bounded_progress_bar(trainer) is None and trainer.progress_bar_callback is custom
+
+
+def test_cli_trainer_gets_the_step_bounded_bar() -> None:
+    from qformer_lightning.cli import Blip2CLI
+
+    root = Path(__file__).resolve().parents[2]
+    cli = Blip2CLI(args=["--config", str(root / "configs/stage1_vitl.yaml"), "--config", str(root / "tests/configs/tiny_stage1.yaml"), "--trainer.max_steps=3"], run=False)
+    assert isinstance(cli.trainer.progress_bar_callback, (StepBoundedRichProgressBar, StepBoundedTQDMProgressBar))
