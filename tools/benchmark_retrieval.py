@@ -71,7 +71,7 @@ from qformer_lightning.metrics.retrieval import retrieval_metrics  # noqa: E402
 from qformer_lightning.models.blip2 import Blip2QFormerModel  # noqa: E402
 from qformer_lightning.nn.qformer import QFormer  # noqa: E402
 from qformer_lightning.tasks.retrieval import Retrieval  # noqa: E402
-from qformer_lightning.tasks.retrieval_eval import candidate_masks, itc_similarity  # noqa: E402
+from qformer_lightning.tasks.retrieval_eval import candidate_masks, itc_blocks  # noqa: E402
 
 WORDS = (
     "a an the man woman dog cat bus train plate pizza table street red blue green white black small large "
@@ -261,7 +261,9 @@ def dense_evaluate(task: Retrieval, texts: list[str], txt2img: list[int], img2tx
     """
     images = task.eval_cache.gather(len(img2txt), task.device)
     text_feats, ids, mask = task.embed_texts(texts)
-    sim = itc_similarity(images.feats, text_feats)  # (I, X)
+    sim = torch.empty(len(images.feats), len(text_feats), device=images.feats.device)  # (I, X), filled block by block
+    for start, block in itc_blocks(images.feats, text_feats):
+        sim[start : start + len(block)] = block
     i2t, t2i = candidate_masks(sim, task.k)  # (I, X) bool each
     pairs = (i2t | t2i).nonzero()  # (P, 2) image-major
     scores = []

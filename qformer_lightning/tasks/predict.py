@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qformer_lightning.losses.itc import itc_similarity
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.models.blip2_llm import Blip2LLMModel
 from qformer_lightning.tasks.text import QFormerTokenizer
@@ -125,7 +126,7 @@ def score_pairs(model: Blip2QFormerModel, tokenizer: QFormerTokenizer, images: T
     embeds = model.image_embeds(images)  # (B, N, Dv)
     _, image_feats, _ = model.query_features(embeds)  # (B, Q, E)
     _, text_feat = model.text_features(ids, mask)  # (B, E)
-    itc = torch.einsum("bqe,be->bq", image_feats.float(), text_feat.float()).amax(dim=1)  # (B,)
+    itc = itc_similarity(image_feats.float(), text_feat.float()).diagonal()  # (B,): pair b is image b, text b
     itm = model.itm_logits(embeds, ids, mask).float().softmax(dim=-1)[:, 1]  # (B,)
     return {"itc": itc, "itm": itm}
 

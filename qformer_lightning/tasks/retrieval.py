@@ -32,6 +32,7 @@ from torch import Tensor
 
 from qformer_lightning.convert.report import ConversionReport
 from qformer_lightning.losses.distributed import rank_and_world
+from qformer_lightning.losses.itc import itc_similarity
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.tasks.base import FrozenDtype, NonFinitePolicy, Optimization
 from qformer_lightning.tasks.retrieval_eval import (
@@ -40,7 +41,6 @@ from qformer_lightning.tasks.retrieval_eval import (
     RerankedScores,
     gather_concat,
     itc_blocks,
-    itc_similarity,
     itc_topk,
     rerank,
 )
@@ -73,7 +73,7 @@ class RetrievalResult:
     @property
     def sim(self) -> Tensor:
         """(I, X) ITC similarities, recomputed from the features: small splits and tests only."""
-        return itc_similarity(self.image_feats, self.text_feats)
+        return itc_similarity(self.image_feats.float(), self.text_feats.float())  # (I, X)
 
 
 class Retrieval(Stage1):

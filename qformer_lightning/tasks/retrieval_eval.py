@@ -62,7 +62,6 @@ __all__ = [
     "dense_blocks",
     "gather_concat",
     "itc_blocks",
-    "itc_similarity",
     "itc_topk",
     "max_over_ranks",
     "rerank",
@@ -243,7 +242,7 @@ class EvalImageCache:
 
 
 def itc_blocks(image_feats: Tensor, text_feats: Tensor) -> Iterator[tuple[int, Tensor]]:
-    """Max over queries of the cosine similarity, one block of images at a time (bounded memory).
+    """:func:`~qformer_lightning.losses.itc.itc_similarity`, one block of images at a time (bounded memory).
 
     Args:
         image_feats: (I, Q, E), L2-normalised.
@@ -273,20 +272,6 @@ def _itc_blocks(image_feats: Tensor, text_feats: Tensor) -> Iterator[tuple[int, 
         for query in range(1, queries):  # max over queries without a (b, Q, X) temporary
             torch.maximum(sim, torch.matmul(chunk[:, query], text_t, out=cosine), out=sim)
         yield start, sim
-
-
-def itc_similarity(image_feats: Tensor, text_feats: Tensor) -> Tensor:
-    """The dense (I, X) float32 ITC similarity (:func:`itc_blocks` put together): small splits only.
-
-    Args:
-        image_feats: (I, Q, E), L2-normalised.
-        text_feats: (X, E), L2-normalised.
-    """
-    blocks = itc_blocks(image_feats, text_feats)
-    out = torch.empty(image_feats.shape[0], text_feats.shape[0], device=image_feats.device)  # (I, X)
-    for start, sim in blocks:
-        out[start : start + len(sim)] = sim
-    return out
 
 
 def dense_blocks(sim: Tensor, rows: int = 1024) -> Iterator[tuple[int, Tensor]]:
