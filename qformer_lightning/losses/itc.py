@@ -54,8 +54,16 @@ class ItcOutput(NamedTuple):
     image_ids_all: Tensor | None
 
 
-def clamp_temperature(temperature: Tensor | float, min: float = 0.001, max: float = 0.5) -> Tensor:
+# BLIP's range of the learnable ITC temperature (see clamp_temperature)
+MIN_TEMPERATURE = 0.001
+MAX_TEMPERATURE = 0.5
+
+
+def clamp_temperature(temperature: Tensor | float, min: float = MIN_TEMPERATURE, max: float = MAX_TEMPERATURE) -> Tensor:
     """The temperature clamped to ``[min, max]`` (scalar tensor; differentiable inside the range).
+
+    The one place the temperature is clamped: the model's ``temperature``, :func:`itc_loss` and
+    :func:`clamp_temperature_` all call it.
 
     Outside the range the clamp has zero gradient. To keep a learnable parameter from drifting
     past the bounds, also call :func:`clamp_temperature_` on the parameter before the forward.
@@ -70,10 +78,10 @@ def clamp_temperature(temperature: Tensor | float, min: float = 0.001, max: floa
 
 
 @torch.no_grad()
-def clamp_temperature_(temperature: Tensor, min: float = 0.001, max: float = 0.5) -> Tensor:
+def clamp_temperature_(temperature: Tensor, min: float = MIN_TEMPERATURE, max: float = MAX_TEMPERATURE) -> Tensor:
     """Clamp a temperature parameter in place (no autograd record), as BLIP does each step
     (BLIP-2's LAVIS code never clamps ``temp``)."""
-    return temperature.clamp_(min, max)
+    return temperature.copy_(clamp_temperature(temperature, min, max))
 
 
 def itc_similarity(image_feats: Tensor, text_feats: Tensor) -> Tensor:
@@ -129,8 +137,8 @@ def itc_loss(
     temperature: Tensor | float,
     image_ids: Tensor | None = None,
     label_smoothing: float = 0.1,
-    min_temperature: float = 0.001,
-    max_temperature: float = 0.5,
+    min_temperature: float = MIN_TEMPERATURE,
+    max_temperature: float = MAX_TEMPERATURE,
 ) -> ItcOutput:
     """Symmetric in-batch contrastive loss with features gathered from all ranks.
 

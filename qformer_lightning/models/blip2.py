@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer_lightning.encoders.vision import TimmVisionEncoder
+from qformer_lightning.losses.itc import MAX_TEMPERATURE, MIN_TEMPERATURE, clamp_temperature
 from qformer_lightning.nn.heads import ItmHead, LMHead
 from qformer_lightning.nn.qformer import KVCache, QFormer
 
@@ -40,8 +41,8 @@ class Blip2QFormerModel(nn.Module):
         vocab_size: int = 30523,
         tie_lm_head: bool = True,
         temperature: float = 0.07,
-        min_temperature: float = 0.001,
-        max_temperature: float = 0.5,
+        min_temperature: float = MIN_TEMPERATURE,
+        max_temperature: float = MAX_TEMPERATURE,
     ) -> None:
         super().__init__()
         if qformer.vision_width != vision.width:
@@ -79,7 +80,7 @@ class Blip2QFormerModel(nn.Module):
     @property
     def temperature(self) -> Tensor:
         """The ITC temperature clamped to [min_temperature, max_temperature] (scalar)."""
-        return self.temp.clamp(self.min_temperature, self.max_temperature)
+        return clamp_temperature(self.temp, self.min_temperature, self.max_temperature)
 
     def image_embeds(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, Dv) features (frozen encoder under no_grad, then ln_vision)."""
