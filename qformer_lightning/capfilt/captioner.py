@@ -7,11 +7,12 @@ prompt, and top-k 50 (the transformers default BLIP ran with). The prompt is rem
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from qformer_lightning.seeding import digest_seed
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 
@@ -50,8 +51,7 @@ class SamplingConfig:
 
 def batch_seed(seed: int, shard: str, batch: int) -> int:
     """A 63-bit sampling seed for batch ``batch`` of shard ``shard`` (independent of rank and worker)."""
-    digest = hashlib.sha256(f"{seed}/{shard}/{batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return digest_seed(seed, shard, batch)
 
 
 def strip_prompt(text: str, prompt: str) -> str:

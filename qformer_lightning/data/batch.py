@@ -153,20 +153,6 @@ def accumulate_replaced(total: Counter, batch: dict) -> Counter:
     return total
 
 
-def sample_seed(*parts: int) -> int:
-    """Mix integers (seed, epoch, position, ...) into one 64-bit seed (splitmix64 steps)."""
-    x = 0x9E3779B97F4A7C15
-    mask = (1 << 64) - 1
-    for p in parts:
-        x = (x ^ (p & mask)) & mask
-        x = (x + 0x9E3779B97F4A7C15) & mask
-        z = x
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        x = z ^ (z >> 31)
-    return x
-
-
 def normalize_batch(batch: dict, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
     """Normalise a batch whose ``image`` is still uint8 (B, S, S, 3) -> float32 (B, 3, S, S), in place."""
     if batch["image"].dtype == torch.uint8:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qformer_lightning.data.shards import Shard
+from qformer_lightning.seeding import mix_rng
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,6 @@ def source_quota(shards: list[Shard], weight: float) -> int:
     return int(round(weight * sum(s.num_samples for s in shards)))
 
 
-def _rng(*parts: int) -> np.random.Generator:
-    return np.random.default_rng([p & 0xFFFFFFFF for p in parts] + [p >> 32 & 0xFFFFFFFF for p in parts])
-
-
 def epoch_tasks(
     sources: list[list[Shard]], quotas: list[int], seed: int, epoch: int, shuffle: bool
 ) -> list[Task]:
@@ -72,7 +69,7 @@ def epoch_tasks(
         counts = [s.num_samples for s in shards]
         if quota > 0 and sum(counts) == 0:
             raise ValueError(f"source {index} has a quota of {quota} samples but its shards hold none")
-        rng = _rng(seed, epoch, index, 1)
+        rng = mix_rng(seed, epoch, index, 1)
         left = quota
         while left > 0:
             order = rng.permutation(len(shards)) if shuffle else np.arange(len(shards))
@@ -84,7 +81,7 @@ def epoch_tasks(
                 if left == 0:
                     break
     if shuffle:
-        perm = _rng(seed, epoch, 2).permutation(len(tasks))
+        perm = mix_rng(seed, epoch, 2).permutation(len(tasks))
         tasks = [tasks[i] for i in perm.tolist()]
     return tasks
 
@@ -195,7 +192,7 @@ class WorkerPlan:
         hi = min(lo + self.block, self.count)
         offsets, lanes = self._offsets(np.arange(lo, hi, dtype=np.int64))  # (n,), (n,)
         if self.shuffle and self.block > 1:
-            perm = _rng(self.seed, self.epoch, self.start, 3, lo // self.block).permutation(hi - lo)
+            perm = mix_rng(self.seed, self.epoch, self.start, 3, lo // self.block).permutation(hi - lo)
             offsets, lanes = offsets[perm], lanes[perm]
         positions = self.start + offsets
         tasks = np.searchsorted(self.task_starts, positions, side="right") - 1  # (n,)

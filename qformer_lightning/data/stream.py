@@ -32,11 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from qformer_lightning.data.batch import Failed, ReplacementLog, Sample, assemble_batch, normalize_batch, sample_seed, stable_id
+from qformer_lightning.data.batch import Failed, ReplacementLog, Sample, assemble_batch, normalize_batch, stable_id
 from qformer_lightning.data.image import BadSample, ImageTransform
 from qformer_lightning.data.plan import Task, WorkerPlan, epoch_tasks, num_batches, rank_share, worker_plan
 from qformer_lightning.data.shards import Shard, TruncatedAt, _is_remote, iter_tar_samples, open_url
 from qformer_lightning.data.text import pre_caption
+from qformer_lightning.seeding import splitmix_seed
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class ShardStream(IterableDataset):
             return item
         key, members = item
         full_key = f"{self._url(task)}#{key}"
-        rng = random.Random(sample_seed(self.seed, self.epoch, position))
+        rng = random.Random(splitmix_seed(self.seed, self.epoch, position))
         try:
             image, text = self.decoder(members, rng)
         except BadSample as err:
@@ -329,7 +330,7 @@ class ShardStream(IterableDataset):
                     if isinstance(item, TruncatedAt):
                         break
                     ordinal, key, members = item
-                    rng = random.Random(sample_seed(self.seed, self.epoch, -1, ordinal))
+                    rng = random.Random(splitmix_seed(self.seed, self.epoch, -1, ordinal))
                     try:
                         image, text = self.decoder(members, rng)
                         return Sample(image, text, stable_id(f"{self.names[task.source]}/{key}"), f"{url}#{key}")

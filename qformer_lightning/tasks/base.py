@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from qformer_lightning.encoders.vision import TimmVisionEncoder
+from qformer_lightning.seeding import mix_seed
 from qformer_lightning.tasks.optim import param_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -247,10 +247,7 @@ class Blip2Task(pl.LightningModule):
         ``seed`` is the run's ``seed_everything`` value (``PL_GLOBAL_SEED``, 0 if unset).
         """
         base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        parts = [base, self.global_step, self.current_epoch, batch_idx, self.global_rank]
-        state = np.random.SeedSequence([p & 0xFFFFFFFF for p in parts] + [p >> 32 & 0xFFFFFFFF for p in parts])
-        words = state.generate_state(2, dtype=np.uint32)
-        return int(words[0]) << 31 | int(words[1]) >> 1
+        return mix_seed(base, self.global_step, self.current_epoch, batch_idx, self.global_rank)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Reseed the global generators from the batch's position (exact resume, see module docstring)."""

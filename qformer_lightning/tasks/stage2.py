@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from qformer_lightning.convert.into import load_into
 from qformer_lightning.models.blip2_llm import Blip2LLMModel
+from qformer_lightning.seeding import sequence_seed
 from qformer_lightning.encoders.llm import T5_FAMILY
 from qformer_lightning.tasks.base import Blip2Task, FrozenDtype, NonFinitePolicy, Optimization
 
@@ -51,9 +51,9 @@ def lm_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
 
 
 def split_seed(seed: int, stream: int, step: int, batch_idx: int, rank: int) -> int:
-    """A 63-bit seed mixed from the run seed and the position of a batch (numpy's SeedSequence)."""
-    state = np.random.SeedSequence([seed, stream, step, batch_idx, rank]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
+    """A 63-bit seed mixed from the run seed and the position of a batch (numpy's SeedSequence over
+    the parts as they are, not :func:`~qformer_lightning.seeding.mix_seed`'s words: these seeds stay as they were)."""
+    return sequence_seed([seed, stream, step, batch_idx, rank])
 
 
 class Stage2(Blip2Task):
