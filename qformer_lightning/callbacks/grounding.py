@@ -44,6 +44,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from qformer_lightning.distributed import gather_concat
+
 log = logging.getLogger(__name__)
 
 DOCS = "docs/grounding.md"
@@ -246,13 +248,6 @@ def measure_itm(task: Any, batch: dict[str, Any], wrong: Tensor) -> tuple[Tensor
 # ---------------------------------------------------------------------------- the callback
 
 
-def _gather(values: Tensor) -> Tensor:
-    """Every rank's 1-D ``values`` concatenated (a collective under a process group)."""
-    from qformer_lightning.tasks.retrieval_eval import gather_concat
-
-    return gather_concat(values)
-
-
 class GroundingMonitor(pl.Callback):
     """Log ``val/grounding_gap``, ``val/prompt_cosine`` (generative tasks) or ``val/itm_auc`` (stage 1,
     retrieval) at each validation, and warn when the model ignores the image (module docstring).
@@ -355,7 +350,7 @@ class GroundingMonitor(pl.Callback):
             self._finish_itm(trainer, pl_module)
 
     def _finish_generative(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sums = _gather(self._sums.to(pl_module.device)[None]).sum(0).cpu()  # (4,)
+        sums = gather_concat(self._sums.to(pl_module.device)[None]).sum(0).cpu()  # (4,)
         if sums[1] == 0:
             self._nothing_measured(trainer)
             return
@@ -377,11 +372,11 @@ class GroundingMonitor(pl.Callback):
         device = pl_module.device
         local = torch.cat(self._positive) if self._positive else torch.zeros(0, dtype=torch.float64)
         wrong = torch.cat(self._negative) if self._negative else torch.zeros(0, dtype=torch.float64)
-        counts = _gather(torch.tensor([[local.numel(), wrong.numel()]], dtype=torch.long, device=device)).sum(0)
+        counts = gather_concat(torch.tensor([[local.numel(), wrong.numel()]], dtype=torch.long, device=device)).sum(0)
         if int(counts[0]) == 0 or int(counts[1]) == 0:
             self._nothing_measured(trainer)
             return
-        auc = roc_auc(_gather(local.to(device)).cpu(), _gather(wrong.to(device)).cpu())
+        auc = roc_auc(gather_concat(local.to(device)).cpu(), gather_concat(wrong.to(device)).cpu())
         self._log(pl_module, {"val/itm_auc": auc})
         self._low_auc = self._low_auc + 1 if auc < self.min_auc else 0
         if self._low_auc >= self.patience and trainer.is_global_zero:

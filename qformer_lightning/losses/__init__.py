@@ -1,6 +1,5 @@
-"""Stage-1 losses (ITC, ITM, ITG) as pure functions of tensors, plus cross-rank gathering."""
+"""Stage-1 losses (ITC, ITM, ITG) as pure functions of tensors (their gathers: :mod:`qformer_lightning.distributed`)."""
 
-from qformer_lightning.losses.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
 from qformer_lightning.losses.itc import (
     ItcOutput,
     clamp_temperature,
@@ -21,8 +20,6 @@ from qformer_lightning.losses.itm import (
 
 __all__ = [
     "ItcOutput",
-    "all_gather_no_grad",
-    "all_gather_with_grad",
     "clamp_temperature",
     "clamp_temperature_",
     "has_negative",
@@ -35,6 +32,5 @@ __all__ = [
     "itm_loss",
     "itm_targets",
     "negative_weights",
-    "rank_and_world",
     "sample_hard_negatives",
 ]

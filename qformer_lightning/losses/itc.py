@@ -21,7 +21,7 @@ Targets:
   id-less loss exactly.
 
 The returned loss is the mean over the B local rows of the two directions' average; see
-:mod:`qformer_lightning.losses.distributed` for why this gives single-process gradients under
+:mod:`qformer_lightning.distributed` for why this gives single-process gradients under
 DDP.
 """
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qformer_lightning.losses.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
+from qformer_lightning.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
 
 
 class ItcOutput(NamedTuple):

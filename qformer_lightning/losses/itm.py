@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qformer_lightning.losses.distributed import rank_and_world
+from qformer_lightning.distributed import rank_and_world
 
 
 def _same(local: Tensor | None, global_: Tensor | None, device: torch.device) -> Tensor | None:

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torchmetrics
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
+
+from qformer_lightning.distributed import is_global_zero
 
 __all__ = [
     "CAPTION_METRICS",
@@ -258,10 +259,6 @@ def score_captions(
 
 
 # ----------------------------------------------------------------------------- torchmetrics
-def _is_global_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 class CaptionMetric(torchmetrics.Metric):
     """Accumulates (image_id, caption) pairs across ranks and scores them in ``compute()``.
 
@@ -366,7 +363,7 @@ class CaptionMetric(torchmetrics.Metric):
     def compute(self) -> dict[str, Tensor]:
         """Caption scores (float64 scalars) of all captions gathered so far, keyed as pycocoevalcap."""
         predictions = self.predictions()
-        if self.results_path is not None and _is_global_zero():
+        if self.results_path is not None and is_global_zero():
             write_coco_results(predictions, self.results_path)
         scores = self.scorer(predictions)
         return {name: torch.tensor(value, dtype=torch.float64) for name, value in scores.items()}

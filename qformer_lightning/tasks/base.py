@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from qformer_lightning.distributed import all_ranks_true
 from qformer_lightning.encoders.vision import TimmVisionEncoder
 from qformer_lightning.seeding import mix_seed
 from qformer_lightning.tasks.optim import param_groups, warmup_cosine
@@ -225,10 +225,7 @@ class Blip2Task(pl.LightningModule):
         Raises:
             NonFiniteLossError: policy ``stop``; the message names the step and the sample keys.
         """
-        finite = torch.isfinite(loss.detach()).to(torch.float32)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() == 1.0:
+        if all_ranks_true(torch.isfinite(loss.detach())):
             return loss
         keys = batch.get("key") or batch.get("image_id")
         if isinstance(keys, Tensor):

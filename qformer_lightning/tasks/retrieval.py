@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from qformer_lightning.convert.report import ConversionReport
-from qformer_lightning.losses.distributed import rank_and_world
+from qformer_lightning.distributed import gather_concat, rank_and_world
 from qformer_lightning.losses.itc import itc_similarity
 from qformer_lightning.models.blip2 import Blip2QFormerModel
 from qformer_lightning.tasks.base import FrozenDtype, NonFinitePolicy, Optimization
@@ -39,7 +39,6 @@ from qformer_lightning.tasks.retrieval_eval import (
     EvalImageCache,
     ItcTopK,
     RerankedScores,
-    gather_concat,
     itc_blocks,
     itc_topk,
     rerank,

@@ -37,12 +37,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from qformer_lightning.losses.distributed import rank_and_world
+from qformer_lightning.distributed import gather_concat, max_over_ranks, rank_and_world
 from qformer_lightning.metrics.retrieval import (
     RECALL_CUTOFFS,
     TiePolicy,
@@ -60,10 +59,8 @@ __all__ = [
     "RerankedScores",
     "candidate_masks",
     "dense_blocks",
-    "gather_concat",
     "itc_blocks",
     "itc_topk",
-    "max_over_ranks",
     "rerank",
     "stable_topk",
 ]
@@ -104,42 +101,6 @@ class ItcRetrievalMetric(Metric):
         images = image_feats[first]  # (I, Q, E): one feature set per distinct image
         itc = itc_topk(itc_blocks(images, text_feats), len(unique_ids), len(image_ids), 1, txt2img)
         return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in itc.metrics().items()}
-
-
-# ----------------------------------------------------------------------------- collectives
-
-
-def gather_concat(x: Tensor) -> Tensor:
-    """Every rank's ``x`` concatenated along dim 0 in rank order; first dims may differ.
-
-    (B_r, ...) on rank r -> (sum_r B_r, ...) on every rank. Without a process group (or with
-    one process) ``x`` itself is returned. Every rank must call it (a collective).
-    """
-    _, world = rank_and_world()
-    if world == 1:
-        return x
-    if x.dtype == torch.bool:  # not every backend gathers bool
-        return gather_concat(x.to(torch.uint8)).bool()
-    x = x.contiguous()
-    size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
-    padded = x.new_zeros((max(counts), *x.shape[1:]))  # (B_max, ...)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)])
-
-
-def max_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
-    """The largest ``value`` over all ranks (``value`` itself without a process group)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 # ----------------------------------------------------------------------------- image cache

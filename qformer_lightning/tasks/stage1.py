@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from qformer_lightning.data.batch import stable_id
-from qformer_lightning.losses.distributed import all_gather_no_grad, all_gather_with_grad, pad_to_global_length
+from qformer_lightning.distributed import all_gather_no_grad, all_gather_with_grad, pad_to_global_length
 from qformer_lightning.losses.itc import itc_loss
 from qformer_lightning.losses.itg import itg_loss
 from qformer_lightning.losses.itc import clamp_temperature_

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from qformer_lightning.losses.distributed import rank_and_world
+from qformer_lightning.distributed import gather_objects, rank_and_world
 from qformer_lightning.metrics.vqa import VQAAccuracy
 from qformer_lightning.models.blip2_llm import Blip2LLMModel, QFormerText
 from qformer_lightning.tasks.base import FrozenDtype, NonFinitePolicy, Optimization
@@ -85,15 +84,6 @@ def write_vqa_results(records: Sequence[VQARecord], path: str | Path) -> Path:
     with path.open("w", encoding="utf-8") as handle:
         json.dump(rows, handle, ensure_ascii=False)
     return path
-
-
-def gather_records(records: list[VQARecord]) -> list[VQARecord]:
-    """All ranks' records, in rank order (the local list without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(records)
-    everyone: list[list[VQARecord] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, records)
-    return [record for part in everyone for record in (part or [])]
 
 
 class VQA(Stage2):
@@ -224,7 +214,7 @@ class VQA(Stage2):
     def finish_evaluation(self, split: str) -> float | None:
         """Gather and deduplicate the split's answers, write the results JSON (rank 0) and compute
         the VQA accuracy (percent) when the questions have answers; log ``{split}/vqa_acc``."""
-        records = dedupe_records(gather_records(self._records.pop(split, [])))
+        records = dedupe_records(gather_objects(self._records.pop(split, [])))
         rank, world = rank_and_world()
         step = self.global_step if self._trainer is not None else 0
         path = self.results_dir(self.results_path_root) / f"vqa_{split}_step{step}.json"

@@ -1,6 +1,6 @@
 """Two CPU processes (gloo) reproduce the single-process ITC loss and gradients on the full batch.
 
-Convention checked here (see qformer_lightning.losses.distributed): every rank computes its loss
+Convention checked here (see qformer_lightning.distributed): every rank computes its loss
 over its B local rows against the G = W * B gathered columns, and DDP averages parameter
 gradients over the W ranks. Hence
 - the mean over ranks of the rank losses equals the single-process loss on the full batch;
@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from qformer_lightning.losses.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
+from qformer_lightning.distributed import all_gather_no_grad, all_gather_with_grad, rank_and_world
 from qformer_lightning.losses.itc import itc_loss
 from qformer_lightning.losses.itm import has_negative, sample_hard_negatives
 

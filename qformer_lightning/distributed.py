@@ -1,9 +1,18 @@
-"""Cross-rank gathering for the in-batch losses, usable with and without a process group.
+"""Collectives: every cross-rank helper of the package, usable with and without a process group.
 
 Glossary: B local batch (this rank), W world size, G = W * B global batch.
 
-Every rank must give the same local batch size B (``torch.distributed`` gathers equal shapes);
-rank r's samples occupy rows ``[r * B, (r + 1) * B)`` of a gathered tensor.
+Without an initialised process group (or with one process) each helper returns its input (or
+what one rank alone would get), so the same code runs in a single CPU process. Under a process
+group every rank must call each helper (they are collectives).
+
+- Gathers for the in-batch losses (:func:`all_gather_with_grad`, :func:`all_gather_no_grad`,
+  :func:`pad_to_global_length`): every rank must give the same local batch size B
+  (``torch.distributed`` gathers equal shapes); rank r's samples occupy rows
+  ``[r * B, (r + 1) * B)`` of a gathered tensor.
+- Gathers of unequal parts (:func:`gather_concat`), of Python objects (:func:`gather_objects`),
+  reductions (:func:`max_over_ranks`, :func:`all_ranks_true`) and :func:`rank_and_world` /
+  :func:`is_global_zero`.
 
 Gradient convention of :func:`all_gather_with_grad`
 ----------------------------------------------------
@@ -21,6 +30,8 @@ and the ``GatherLayer`` of SimCLR/LAVIS.)
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -29,12 +40,19 @@ from torch import Tensor
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
+T = TypeVar("T")
+
 
 def rank_and_world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, ``(0, 1)`` when there is none."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_global_zero() -> bool:
+    """Whether this process is rank 0 (true without a process group)."""
+    return rank_and_world()[0] == 0
 
 
 def _gather(x: Tensor, world: int) -> Tensor:
@@ -113,3 +131,58 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
     if world == 1:
         return x.detach()
     return _gather(x.detach(), world)
+
+
+# ----------------------------------------------------------------------------- unequal parts, objects, reductions
+
+
+def gather_concat(x: Tensor) -> Tensor:
+    """Every rank's ``x`` concatenated along dim 0 in rank order; first dims may differ.
+
+    (B_r, ...) on rank r -> (sum_r B_r, ...) on every rank. Without a process group (or with
+    one process) ``x`` itself is returned. Every rank must call it (a collective).
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    if x.dtype == torch.bool:  # not every backend gathers bool
+        return gather_concat(x.to(torch.uint8)).bool()
+    x = x.contiguous()
+    size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))  # (B_max, ...)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def gather_objects(items: list[T]) -> list[T]:
+    """All ranks' lists of picklable objects, concatenated in rank order (a copy of ``items`` without a process group)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return list(items)
+    everyone: list[list[T] | None] = [None] * world
+    dist.all_gather_object(everyone, items)
+    return [item for part in everyone for item in (part or [])]
+
+
+def max_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest ``value`` over all ranks (``value`` itself without a process group)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_ranks_true(flag: Tensor) -> bool:
+    """Whether the scalar ``flag`` (bool or 0/1) holds on every rank (on this one without a process group)."""
+    flag = flag.detach().to(torch.float32)
+    _, world = rank_and_world()
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() == 1.0
