@@ -21,9 +21,9 @@ import io
 import json
 import os
 import platform
-import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from qformer_lightning.data.shard_datamodule import ShardDataModule, ShardSource
+from qformer_lightning.data.shards import write_shard
 
 
 def coco_like_jpeg(rng: np.random.Generator) -> bytes:
@@ -48,23 +49,20 @@ def write_data(root: str, num_images: int, shard_size: int) -> tuple[list[str], 
     files, shard_dir = [], os.path.join(root, "shards")
     os.makedirs(os.path.join(root, "images"))
     os.makedirs(shard_dir)
+
+    def samples(lo: int, hi: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+        for i in range(lo, hi):
+            data = coco_like_jpeg(rng)
+            path = os.path.join(root, "images", f"{i:06d}.jpg")
+            with open(path, "wb") as f:
+                f.write(data)
+            files.append(path)
+            meta = json.dumps({"captions": [f"A photo number {i}.", f"Image {i} of a scene."]}).encode()
+            yield f"{i:06d}", {"jpg": data, "txt": b"a photo", "json": meta}
+
     for lo in range(0, num_images, shard_size):
-        name = os.path.join(shard_dir, f"{lo // shard_size:05d}")
-        count = min(shard_size, num_images - lo)
-        with tarfile.open(f"{name}.tar", "w") as tar:
-            for i in range(lo, lo + count):
-                data = coco_like_jpeg(rng)
-                path = os.path.join(root, "images", f"{i:06d}.jpg")
-                with open(path, "wb") as f:
-                    f.write(data)
-                files.append(path)
-                meta = json.dumps({"captions": [f"A photo number {i}.", f"Image {i} of a scene."]}).encode()
-                for ext, payload in (("jpg", data), ("txt", b"a photo"), ("json", meta)):
-                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-        with open(f"{name}_stats.json", "w") as f:
-            json.dump({"successes": count}, f)
+        name = os.path.join(shard_dir, f"{lo // shard_size:05d}.tar")
+        write_shard(name, samples(lo, min(lo + shard_size, num_images)))
     return files, os.path.join(shard_dir, "*.tar")
 
 

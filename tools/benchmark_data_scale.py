@@ -34,7 +34,6 @@ import os
 import platform
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -49,20 +48,20 @@ def write_base_shard(path: Path, samples: int, pool: int = 64, side: int = 96) -
     """``path`` (a ``.tar``) with ``samples`` samples and its ``_stats.json``."""
     from PIL import Image
 
+    from qformer_lightning.data.shards import write_shard
+
     rng = np.random.default_rng(0)
     jpegs = []
     for _ in range(pool):
         out = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(out, format="JPEG", quality=85)
         jpegs.append(out.getvalue())
-    with tarfile.open(path, "w") as tar:
-        for i in range(samples):
-            meta = json.dumps({"captions": [f"a photo number {i}", f"image {i} of a scene"]}).encode()
-            for ext, payload in (("jpg", jpegs[i % pool]), ("txt", b"a photo"), ("json", meta)):
-                info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    path.with_name(path.stem + "_stats.json").write_text(json.dumps({"successes": samples}))
+
+    def sample(i: int) -> tuple[str, dict[str, bytes]]:
+        meta = json.dumps({"captions": [f"a photo number {i}", f"image {i} of a scene"]}).encode()
+        return f"{i:09d}", {"jpg": jpegs[i % pool], "txt": b"a photo", "json": meta}
+
+    write_shard(path, (sample(i) for i in range(samples)))
 
 
 def link_shards(base: Path, out: Path, count: int) -> None:

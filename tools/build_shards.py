@@ -24,6 +24,7 @@ import json
 import os
 import tarfile
 import time
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 from PIL import Image
@@ -68,50 +69,47 @@ def encode(path: str, max_side: int | None) -> bytes:
     return out.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = int(time.time())
-    tar.addfile(info, io.BytesIO(data))
+def shard_samples(
+    images: str, rows: list[tuple[str, str, list[str]]], shard: int, digits: int, max_side: int | None,
+    stats: dict[str, int], bar: tqdm,
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` of one shard's rows; images missing or unreadable are counted into
+    ``stats`` (``failed_to_download``, ``failed_to_resize``) and left out."""
+    for index, (field, where, caps) in enumerate(rows):
+        bar.update(1)
+        path = local_file(images, field, where)
+        if not os.path.isfile(path):
+            stats["failed_to_download"] += 1
+            continue
+        try:
+            data = encode(path, max_side)
+        except OSError:
+            stats["failed_to_resize"] += 1
+            continue
+        key = f"{shard:05d}{index:0{digits}d}"
+        ext = "jpg" if data[:3] == b"\xff\xd8\xff" else os.path.splitext(path)[1].lstrip(".").lower() or "jpg"
+        meta = {"key": key, field: where, "captions": caps, "caption": caps[0], "status": "success"}
+        yield key, {ext: data, "txt": caps[0].encode("utf-8"), "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
 
 
 def build(images: str, captions: list[str], out: str, shard_size: int, max_side: int | None) -> dict[str, int]:
     """Write the shards; returns totals (samples written, images missing, unreadable)."""
+    from qformer_lightning.data.shards import write_shard
+
     rows = read_rows(captions)
     os.makedirs(out, exist_ok=True)
     digits = max(4, len(str(shard_size - 1)))
     totals = {"shards": 0, "samples": 0, "missing": 0, "unreadable": 0}
     bar = tqdm(total=len(rows), desc="building shards", unit="img", disable=None)  # a terminal only
     for shard, lo in enumerate(range(0, len(rows), shard_size)):
-        name = os.path.join(out, f"{shard:05d}")
-        written = missing = unreadable = 0
-        with tarfile.open(f"{name}.tar", "w") as tar:
-            for index, (field, where, caps) in enumerate(rows[lo : lo + shard_size]):
-                bar.update(1)
-                path = local_file(images, field, where)
-                if not os.path.isfile(path):
-                    missing += 1
-                    continue
-                try:
-                    data = encode(path, max_side)
-                except OSError:
-                    unreadable += 1
-                    continue
-                key = f"{shard:05d}{index:0{digits}d}"
-                ext = "jpg" if data[:3] == b"\xff\xd8\xff" else os.path.splitext(path)[1].lstrip(".").lower() or "jpg"
-                meta = {"key": key, field: where, "captions": caps, "caption": caps[0], "status": "success"}
-                _add(tar, f"{key}.{ext}", data)
-                _add(tar, f"{key}.txt", caps[0].encode("utf-8"))
-                _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-                written += 1
-        stats = {"count": written + missing + unreadable, "successes": written,
-                 "failed_to_download": missing, "failed_to_resize": unreadable}
-        with open(f"{name}_stats.json", "w") as f:
-            json.dump(stats, f)
+        chunk = rows[lo : lo + shard_size]
+        stats = {"count": len(chunk), "failed_to_download": 0, "failed_to_resize": 0}  # filled while writing
+        samples = shard_samples(images, chunk, shard, digits, max_side, stats, bar)
+        written = write_shard(os.path.join(out, f"{shard:05d}.tar"), samples, stats, mtime=int(time.time()))
         totals["shards"] += 1
         totals["samples"] += written
-        totals["missing"] += missing
-        totals["unreadable"] += unreadable
+        totals["missing"] += stats["failed_to_download"]
+        totals["unreadable"] += stats["failed_to_resize"]
     bar.close()
     return totals
 

@@ -10,12 +10,13 @@ shard or one that the next run writes again, never half a shard that counts as d
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import re
 import tarfile
 from collections.abc import Sequence
+
+from qformer_lightning.data.shards import add_sample
 
 _TMP = ".tmp-"
 
@@ -90,10 +91,7 @@ class ShardWriter:
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         """Append one sample: ``KEY.ext`` for each ``ext -> bytes`` (in the dict's order)."""
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        add_sample(self._tar, key, members)
         self.count += 1
 
     def commit(self, stats: dict) -> None:

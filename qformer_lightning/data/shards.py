@@ -1,4 +1,4 @@
-"""Shard locations, sample counts and tar reading for img2dataset-layout webdataset shards.
+"""Shard locations, sample counts, tar reading and writing for img2dataset-layout webdataset shards.
 
 Layout (img2dataset): ``00000.tar`` holds ``KEY.jpg``, ``KEY.txt``, ``KEY.json`` per sample and
 sits beside ``00000_stats.json``, whose ``successes`` field is the number of samples in the tar.
@@ -14,6 +14,7 @@ The stats file of a shard is found by replacing the last ``.tar`` in its URL (or
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -22,10 +23,11 @@ import subprocess
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 import braceexpand
 import fsspec
@@ -281,3 +283,45 @@ def report_uncounted(url: str, stats_count: int, tar_count: int) -> None:
         "skipped (correct the stats file's 'successes' to read them)",
         url, tar_count, stats_url(url) if ".tar" in url else "(none)", stats_count, tar_count - stats_count, stats_count,
     )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def add_sample(tar: tarfile.TarFile, key: str, members: Mapping[str, bytes], mtime: int = 0) -> None:
+    """Append one sample to a tar open for writing: a member ``KEY.ext`` (mode 0644) for each
+    ``ext -> bytes``, in the mapping's order."""
+    for ext, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), mtime, 0o644
+        tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(
+    path: str | Path,
+    samples: Iterable[tuple[str, Mapping[str, bytes]]],
+    stats: Mapping[str, Any] | None = None,
+    mtime: int = 0,
+) -> int:
+    """Write one shard: the tar ``path`` and its ``_stats.json`` beside it (:func:`stats_url`).
+
+    Args:
+        path: the ``.tar`` to write (missing parent folders are made).
+        samples: ``(key, {ext: bytes})`` per sample, in order (:func:`add_sample`).
+        stats: further ``_stats.json`` fields (``count``, ``failed_to_download``, ...), read once
+            the samples are written, so a generator of ``samples`` may fill them in; ``successes``
+            is the number of samples written unless ``stats`` gives it.
+        mtime: the members' modification time.
+
+    Returns:
+        The number of samples written.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            add_sample(tar, key, members, mtime)
+            written += 1
+    with open(stats_url(str(path)), "w") as f:
+        json.dump({"successes": written, **(stats or {})}, f)
+    return written

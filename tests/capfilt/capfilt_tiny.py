@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import json
 import tarfile
 from pathlib import Path
 
 from qformer_lightning.capfilt import SamplingConfig
+from qformer_lightning.data import shards
 
 IMAGE = 32
 TINY_SAMPLING = SamplingConfig(num_captions=3, max_length=12, min_length=8)
@@ -44,12 +43,4 @@ def read_tar(path: str | Path) -> list[tuple[str, dict[str, bytes]]]:
 
 def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """Write an img2dataset-layout tar and its ``_stats.json``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    stats = {"count": len(samples), "successes": len(samples), "failed_to_download": 0}
-    path.with_name(path.name.replace(".tar", "_stats.json")).write_text(json.dumps(stats))
+    shards.write_shard(path, samples, {"count": len(samples), "failed_to_download": 0})

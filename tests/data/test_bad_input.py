@@ -3,9 +3,7 @@ are clear errors at setup; odd-but-valid images decode to the right colours."""
 
 import io
 from collections import Counter
-import json
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from PIL import Image
 
 from qformer_lightning.data.image import BadSample, ImageTransform
 from qformer_lightning.data.shard_datamodule import ShardDataModule, ShardSource
+from qformer_lightning.data.shards import write_shard
 
 
 def _encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -28,14 +27,7 @@ def _good_jpeg(seed: int, size: int = 24) -> bytes:
 
 
 def _write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]], claimed: int | None = None) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    stats = {"successes": len(samples) if claimed is None else claimed}
-    path.with_name(path.stem + "_stats.json").write_text(json.dumps(stats))
+    write_shard(path, samples, None if claimed is None else {"successes": claimed})
 
 
 def _good(i: int) -> tuple[str, dict[str, bytes]]:

@@ -1,22 +1,15 @@
 """Reading a shard keeps no per-member state: memory does not grow with the samples per shard."""
 
-import io
-import tarfile
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from qformer_lightning.data.shards import iter_tar_samples
+from qformer_lightning.data.shards import iter_tar_samples, write_shard
 
 
 def _tar(path: Path, samples: int) -> None:
-    with tarfile.open(path, "w") as tar:
-        for i in range(samples):
-            for ext in ("jpg", "txt", "json"):
-                info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                info.size = 1
-                tar.addfile(info, io.BytesIO(b"x"))
+    write_shard(path, ((f"{i:09d}", dict.fromkeys(("jpg", "txt", "json"), b"x")) for i in range(samples)))
 
 
 @pytest.mark.parametrize("seekable", [True, False])
