@@ -333,6 +333,7 @@ def build_task(
     key = (size, llm if stage == 2 else None)
     overrides = [
         "--model.init_args.model.init_args.vision.init_args.pretrained=false",
+        "--model.init_args.model.init_args.vision.init_args.checkpoint_path=null",  # speed only: random ViT
         "--model.init_args.pretrained=null",
     ]
     if stage == 1:
