@@ -7,7 +7,7 @@ BLIP-2 starts from a *pretrained* image encoder (EVA-CLIP ViT-g) and keeps it fr
 Q-Former can only learn to read what the encoder already represents. With a randomly initialised
 ViT the query outputs barely depend on the image and a frozen LLM behind them writes the same
 caption for every picture (issue 16). This task gives a ViT what EVA-CLIP's training gives the
-real one, at demo scale: the image tower (the ViT, mean-pooled after its last block and a
+real one, at demo scale: the image tower (the ViT's class token after its last block and a
 LayerNorm, then a linear projection) and a small text tower
 (:class:`~qformer_lightning.nn.clip_text.TextTower`) are trained with the symmetric in-batch
 contrastive loss and a learnable temperature. Pairs with the same caption text are positives of
@@ -27,7 +27,7 @@ key names): a later stage loads them as it would EVA-CLIP's from a local path,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,8 @@ class VisionPretrain(Blip2Task):
         init_temperature: initial softmax temperature (CLIP: 0.07), learned within [0.001, 0.5].
         label_smoothing: of the contrastive cross-entropy.
         word_loss_weight: weight of the caption-word objective (0: contrastive loss only).
+        pool: how the image embedding pools the ViT's tokens: ``token`` the class token (EVA-CLIP,
+            CLIP: attention picks the object's patches), ``mean`` their average.
         export_path: where ``fit`` writes the ViT's state dict (``.safetensors``); ``None``: not written.
         optim: optimiser/schedule settings.
         nonfinite: see :class:`~qformer_lightning.tasks.base.Blip2Task`.
@@ -71,6 +73,7 @@ class VisionPretrain(Blip2Task):
         init_temperature: float = 0.07,
         label_smoothing: float = 0.0,
         word_loss_weight: float = 0.0,
+        pool: Literal["token", "mean"] = "token",
         export_path: str | None = None,
         optim: Optimization | None = None,
         nonfinite: NonFinitePolicy = "stop",
@@ -93,6 +96,9 @@ class VisionPretrain(Blip2Task):
         if word_loss_weight < 0:
             raise ValueError(f"word_loss_weight must be >= 0, got {word_loss_weight}")
         self.word_loss_weight = word_loss_weight
+        if pool not in ("token", "mean"):
+            raise ValueError(f"pool must be 'token' or 'mean', got {pool!r}")
+        self.pool = pool
         # caption-word head over the tokenizer's vocabulary (the text tower's embedding table size)
         self.word_head = nn.Linear(vision.width, text.token_embedding.num_embeddings) if word_loss_weight > 0 else None
         self.label_smoothing = label_smoothing
@@ -102,11 +108,12 @@ class VisionPretrain(Blip2Task):
 
     # ------------------------------------------------------------------ features and loss
     def pooled_image(self, images: Tensor) -> Tensor:
-        """(B, 3, S, S) normalised images -> (B, Dv), the ViT's tokens averaged."""
-        return self.vision(images).mean(dim=1)  # (B, N, Dv) -> (B, Dv)
+        """(B, 3, S, S) normalised images -> (B, Dv): the class token or the mean of the N tokens (``pool``)."""
+        tokens = self.vision(images)  # (B, N, Dv)
+        return tokens[:, 0] if self.pool == "token" else tokens.mean(dim=1)
 
     def image_features(self, images: Tensor) -> Tensor:
-        """(B, 3, S, S) normalised images -> (B, E) L2-normalised embeddings (mean over the N tokens)."""
+        """(B, 3, S, S) normalised images -> (B, E) L2-normalised embeddings."""
         return F.normalize(self.image_proj(self.pooled_image(images)), dim=-1)
 
     def text_features(self, texts: list[str]) -> Tensor:
