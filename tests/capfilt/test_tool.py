@@ -68,6 +68,7 @@ def test_tool_recaptions_corpus_then_stage1_trains_on_it(
     task = tiny_stage1()
     before = task.model.qformer.query_tokens.detach().clone()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path,  # the shard index is written there, not in the checkout
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(task, datamodule=dm)
     assert trainer.global_step == 2
