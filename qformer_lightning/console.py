@@ -90,6 +90,29 @@ def stdout_to_log(logger: logging.Logger, level: int = logging.INFO) -> Iterator
             logger.log(level, "%s", text)
 
 
+@contextlib.contextmanager
+def subprocess_stderr_to_log(logger: logging.Logger, level: int = logging.INFO) -> Iterator[None]:
+    """Capture what child processes write to this process's stderr (file descriptor 2: e.g. the
+    Java PTB tokenizer's "PTBTokenizer tokenized ..." lines) and log it as one record."""
+    import os
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace").strip()
+            if text:
+                logger.log(level, "%s", text)
+
+
 def remove_unused_log_dirs(loggers: list[Logger], global_step: int) -> list[Path]:
     """After a failed run: delete the log directories of ``loggers`` when the run never finished a
     training step (they hold no curve, only an empty event file or nothing). Returns what was removed."""

@@ -197,7 +197,10 @@ class CaptionScorer:
     def _tokenize(self, captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        return PTBTokenizer().tokenize({key: [{"caption": c} for c in caps] for key, caps in captions.items()})
+        from qformer_lightning.console import subprocess_stderr_to_log
+
+        with subprocess_stderr_to_log(log, logging.DEBUG):  # Java's "PTBTokenizer tokenized N tokens ..."
+            return PTBTokenizer().tokenize({key: [{"caption": c} for c in caps] for key, caps in captions.items()})
 
     def _scorers(self) -> list[tuple[Any, list[str], dict[str, Any]]]:
         """(scorer, score names, compute_score keyword arguments) of the selected metrics."""

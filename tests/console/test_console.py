@@ -89,3 +89,18 @@ def test_cli_trainer_gets_the_step_bounded_bar() -> None:
     root = Path(__file__).resolve().parents[2]
     cli = Blip2CLI(args=["--config", str(root / "configs/stage1_vitl.yaml"), "--config", str(root / "tests/configs/tiny_stage1.yaml"), "--trainer.max_steps=3"], run=False)
     assert isinstance(cli.trainer.progress_bar_callback, (StepBoundedRichProgressBar, StepBoundedTQDMProgressBar))
+
+
+def test_child_process_stderr_goes_to_the_log(tmp_path: Path, capfd) -> None:
+    import subprocess
+    import sys
+
+    from qformer_lightning.console import subprocess_stderr_to_log
+
+    log_file = tmp_path / "run.log"
+    with details_to_file(log_file):
+        with subprocess_stderr_to_log(logging.getLogger("qformer_lightning.metrics")):
+            subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('PTBTokenizer tokenized 305 tokens')"], check=True)
+    assert "PTBTokenizer tokenized 305 tokens" in log_file.read_text()
+    assert "PTBTokenizer" not in capfd.readouterr().err
+
