@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         "figures drift; the data loader workers use the other cores)",
     )
     parser.add_argument(
-        "--probe-images", type=int, default=96,
+        "--probe-images", type=int, default=48,
         help="synthetic test images the grounding probe captions / asks about (0: no probe)",
     )
     parser.add_argument("extra", nargs="*", help="CLI overrides applied to every step, e.g. --trainer.max_steps=5")

@@ -28,7 +28,9 @@ a built model and tokenizer (tests, converters).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import inspect
 import logging
 from dataclasses import dataclass
@@ -635,7 +637,8 @@ def _load_gguf(model: nn.Module, path: str, gguf_file: str) -> nn.Module:
     file = Path(gguf_file) if Path(gguf_file).is_absolute() else Path(path) / gguf_file
     if not file.is_file():
         raise FileNotFoundError(f"GGUF file not found: {file}")
-    tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model)["tensors"]
+    with contextlib.redirect_stderr(io.StringIO()):  # its per-tensor tqdm bar (272 updates for SmolLM2)
+        tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model)["tensors"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = model.get_output_embeddings() is not None and (
         model.get_output_embeddings().weight is model.get_input_embeddings().weight
