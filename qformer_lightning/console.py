@@ -8,7 +8,6 @@ everything else (library logs, warnings, loader reports) in a log file.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import shutil
 import sys
@@ -40,7 +39,7 @@ def details_to_file(path: Path, append: bool = False) -> Iterator[Path]:
 
     The console keeps what is printed to stdout/stderr directly (progress bars, the caller's own
     lines) and the warnings of :data:`CONSOLE_LOGGERS`. Output printed by libraries that bypass
-    logging is not captured here; see :func:`stdout_to_log`.
+    logging is not captured here; see :func:`subprocess_stderr_to_log` for child processes.
 
     Yields:
         ``path``.
@@ -75,19 +74,6 @@ def details_to_file(path: Path, append: bool = False) -> Iterator[Path]:
         for name, state in saved.items():
             _restore(logging.getLogger(name), state)
         handler.close()
-
-
-@contextlib.contextmanager
-def stdout_to_log(logger: logging.Logger, level: int = logging.INFO) -> Iterator[None]:
-    """Capture what a library ``print``s (e.g. pycocoevalcap's scorers) and log it as one record."""
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            yield
-    finally:
-        text = buffer.getvalue().strip()
-        if text:
-            logger.log(level, "%s", text)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from qformer_lightning.callbacks.progress import (
     step_bounded_progress_bar,
     train_description,
 )
-from qformer_lightning.console import details_to_file, remove_unused_log_dirs, stdout_to_log
+from qformer_lightning.console import details_to_file, remove_unused_log_dirs
 
 
 def test_details_go_to_the_file_not_the_console(tmp_path: Path, capsys) -> None:
@@ -50,14 +50,6 @@ def test_details_to_file_appends_and_restores(tmp_path: Path) -> None:
     text = log_file.read_text()
     assert "first step" in text and "second step" in text
     assert (lightning_logger.handlers, lightning_logger.propagate) == before
-
-
-def test_stdout_to_log(tmp_path: Path) -> None:
-    log_file = tmp_path / "run.log"
-    with details_to_file(log_file):
-        with stdout_to_log(logging.getLogger("qformer_lightning.metrics")):
-            print("computing Bleu score...")
-    assert "computing Bleu score" in log_file.read_text()
 
 
 def test_unused_log_dir_is_removed_only_before_the_first_step(tmp_path: Path) -> None:
