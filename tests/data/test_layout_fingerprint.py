@@ -10,15 +10,7 @@ import pytest
 
 from qformer_lightning.data.shard_datamodule import ShardDataModule, ShardSource
 from qformer_lightning.data.stream import ResumableShardLoader
-
-
-def _dm(corpus, **kw) -> ShardDataModule:
-    args = dict(sources=[ShardSource(corpus.shards("train"), name="syn")], batch_size=8, num_workers=0,
-                seed=0, image_size=16, interleave=3, shuffle_block=10)
-    args.update(kw)
-    dm = ShardDataModule(**args)
-    dm.setup("fit")
-    return dm
+from shard_tiny import tiny_shard_dm as _dm  # noqa: E402  (tests/data on the path)
 
 
 def _loader(dm: ShardDataModule, world_size: int = 1) -> ResumableShardLoader:

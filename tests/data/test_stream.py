@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from qformer_lightning.data.plan import source_quota
-from qformer_lightning.data.shard_datamodule import ShardDataModule, ShardSource
+from qformer_lightning.data.shard_datamodule import ShardSource
 from qformer_lightning.data.text import pre_caption
-
-
-def _dm(corpus, **kw) -> ShardDataModule:
-    args = dict(sources=[ShardSource(corpus.shards("train"), name="syn")], batch_size=8, num_workers=0,
-                seed=0, image_size=16, interleave=3, shuffle_block=10)
-    args.update(kw)
-    dm = ShardDataModule(**args)
-    dm.setup("fit")
-    return dm
+from shard_tiny import tiny_shard_dm as _dm  # noqa: E402  (tests/data on the path)
 
 
 def _epoch(loader) -> list[dict]:
