@@ -22,3 +22,12 @@ def test_every_probed_step_and_target_names_a_step() -> None:
     names = {step.name for step in quickstart.STEPS}
     assert set(quickstart.PROBED) <= names
     assert {target.step for target in quickstart.TARGETS} <= names
+
+
+def test_unknown_step_name_is_refused(capsys) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main(["--only", "stage one"])
+    assert exit_info.value.code == 2
+    assert "--only: unknown step(s) ['stage one']" in capsys.readouterr().err
